@@ -1,0 +1,1 @@
+"""HEALNet survival modelling: model, baselines, loss, data, cross-validated training, evaluation, report."""

@@ -1,0 +1,56 @@
+"""The ``healnet`` command: one subcommand per pipeline step, each a thin call of a module's ``cli``.
+
+Every Snakemake rule runs one of these, so a cluster job, a rerun by hand and a test all go through
+the same code. A bad input ends the command with one line on stderr naming the file and the reason
+and exit status 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from preprocessing.errors import InputError
+
+# subcommand -> (module defining ``cli(argv) -> int``, one-line summary)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("preprocessing.demo", "write a synthetic TCGA-like demo cohort (slides and omic tables)"),
+    "tile": ("preprocessing.tiling", "tissue mask and MPP-aware patch grid of one slide, plus a QC picture"),
+    "extract": ("preprocessing.extract", "patch embeddings of one slide into a Zarr store"),
+    "omics": ("preprocessing.omics.cli", "join clinical and omic tables per patient; folds and manifest"),
+    "train": ("healnet.train", "cross-validated training of one model on one cohort"),
+    "evaluate": ("healnet.evaluate", "per-cohort summary table of every trained model"),
+    "report": ("healnet.report", "figures for one cohort: survival curves, c-index, QC, attention"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: healnet <command> [options]   (healnet <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``healnet <command> ...``; returns the process exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in SUBCOMMANDS:
+        print(f"healnet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s healnet {name} %(levelname)s: %(message)s")
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        return int(module.cli(rest) or 0)
+    except InputError as err:
+        print(f"healnet {name}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Atomic outputs: write under a temporary name beside the destination, rename when complete.
+
+A killed job therefore never leaves a file or directory (e.g. a Zarr store) that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def temporary_sibling(dest: str | Path) -> Path:
+    """A unique, hidden path in the same directory as ``dest`` (same filesystem, so rename is atomic)."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_path(path: str | Path) -> None:
+    """Delete a file or a directory tree if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``dest``, on any error it is removed.
+
+    Works for files and for directories. An existing ``dest`` is only replaced once the new one is
+    complete.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(dest)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"{dest}: writer produced nothing at {tmp}")
+        if dest.is_dir() and not dest.is_symlink():
+            # rename() cannot replace a non-empty directory: move the old one aside first.
+            old = temporary_sibling(dest)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            remove_path(old)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        remove_path(tmp)
+        raise
