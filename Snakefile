@@ -1,0 +1,47 @@
+# HEALNet pipeline: whole-slide images + omic tables -> per-cohort survival models and a report.
+#
+# Data flow (one rule per arrow; see README "Outputs"):
+#   demo     -> data/{cohort}/slides/*.svs, data/{cohort}/omics/*      (cohorts with demo: true)
+#   tile     -> tiles/{cohort}/{slide}.parquet, qc/{cohort}/{slide}.png
+#   extract  -> features/{cohort}/{encoder}/{slide}.zarr
+#   omics    -> omics/{cohort}/manifest.parquet, features.parquet, splits.parquet
+#   train    -> models/{cohort}/{model}/fold{k}.pt, results/{cohort}/{model}/folds.csv
+#   evaluate -> results/{cohort}/summary.csv, results/{cohort}/summary.md
+#   report   -> results/{cohort}/figures/*.png   (and `snakemake --report report.html`)
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    cohort=r"[A-Za-z0-9_]+",
+    slide=r"[^/]+",
+    model=r"[a-z_]+",
+    encoder=r"[A-Za-z0-9_.\-]+",
+
+
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/tile.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/omics.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

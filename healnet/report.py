@@ -1,0 +1,179 @@
+"""Figures and tables for one cohort (``healnet report``): what a pathologist looks at after a run.
+
+- ``km_curves.png``: Kaplan-Meier curves of held-out patients, split at each fold's training-median risk,
+  with the log-rank p-value (lifelines), one panel per model;
+- ``c_index.png``: c-index per model with one point per fold;
+- ``attention_wsi.png``: HEALNet's per-patch cross-attention drawn over slide thumbnails;
+- ``attention_omics.png``: the omic features HEALNet's omic cross-attention weighted most;
+- ``failed_slides.csv`` (beside the figures folder): slides that gave no patches, and why.
+
+The Snakemake rule ``report`` runs this; ``snakemake --report report.html`` then collects the figures,
+the summary table and the tiling QC pictures into one HTML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from preprocessing.atomic import atomic_output  # noqa: E402
+from preprocessing.errors import InputError  # noqa: E402
+from preprocessing.tiles_io import read_tiles  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Save a figure atomically as PNG and close it."""
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _message_figure(path: Path, title: str, message: str) -> None:
+    """A placeholder-free 'nothing to draw' figure: says in words why there is no plot."""
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    save_figure(fig, path)
+
+
+def load_predictions(results_dir: Path, models: list[str]) -> pd.DataFrame:
+    """All models' held-out predictions in one frame (column ``model`` added)."""
+    frames = []
+    for model in models:
+        path = results_dir / model / "predictions.parquet"
+        if not path.exists():
+            raise InputError(path, "missing: train this model first")
+        frames.append(pd.read_parquet(path).assign(model=model))
+    return pd.concat(frames, ignore_index=True)
+
+
+def plot_km_curves(predictions: pd.DataFrame, path: Path, setting: str = "full") -> pd.DataFrame:
+    """Kaplan-Meier curves of predicted high vs low risk per model; returns the log-rank table."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import logrank_test
+
+    preds = predictions[predictions["setting"] == setting]
+    models = list(dict.fromkeys(preds["model"]))
+    if not models:
+        _message_figure(path, "Kaplan-Meier curves", f"no predictions for setting {setting!r}")
+        return pd.DataFrame()
+    ncols = min(3, len(models))
+    nrows = int(np.ceil(len(models) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    rows = []
+    for ax, model in zip(axes.flat, models, strict=False):
+        p = preds[preds["model"] == model]
+        high = p["risk"].to_numpy() > p["train_median_risk"].to_numpy()
+        for mask, label, colour in [(~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")]:
+            if mask.any():
+                km = KaplanMeierFitter(label=f"{label} (n={int(mask.sum())})")
+                km.fit(p["time"][mask], p["event"][mask])
+                km.plot_survival_function(ax=ax, ci_show=False, color=colour)
+        pval = np.nan
+        t, e = p["time"], p["event"]
+        if high.any() and (~high).any():
+            pval = logrank_test(t[high], t[~high], e[high], e[~high]).p_value
+        rows.append({"model": model, "n_high": int(high.sum()), "n_low": int((~high).sum()),
+                     "logrank_p": pval})
+        ax.set_title(f"{model}: log-rank p = {pval:.3g}")
+        ax.set_xlabel("time (months)")
+        ax.set_ylabel("survival probability")
+        ax.set_ylim(0, 1.05)
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    fig.suptitle("Held-out patients split at the training-median predicted risk")
+    save_figure(fig, path)
+    return pd.DataFrame(rows)
+
+
+def plot_c_index(folds: pd.DataFrame, path: Path, setting: str = "full") -> None:
+    """c-index per model: one dot per fold, a bar for the mean, chance level dashed."""
+    sel = folds[(folds["metric"] == "c_index") & (folds["setting"] == setting)]
+    models = list(dict.fromkeys(sel["model"]))
+    fig, ax = plt.subplots(figsize=(1.4 * max(3, len(models)) + 1, 3.8))
+    rng = np.random.default_rng(0)
+    for i, model in enumerate(models):
+        values = sel.loc[sel["model"] == model, "value"].to_numpy(dtype=float)
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, color="tab:gray", zorder=3, s=18)
+        ax.hlines(np.nanmean(values), i - 0.3, i + 0.3, color="tab:red", lw=2, zorder=4)
+        ax.annotate(f"{np.nanmean(values):.3f}", (i, np.nanmean(values)), xytext=(0, 6),
+                    textcoords="offset points", ha="center", fontsize=8)
+    ax.axhline(0.5, ls="--", color="k", lw=0.8)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel("c-index (held-out fold)")
+    ax.set_title("c-index per model: folds (dots) and mean (red)")
+    save_figure(fig, path)
+
+
+def failed_slides(tiles_dir: Path) -> pd.DataFrame:
+    """Slides whose tiling failed or gave no patches, with the reason (empty frame when none)."""
+    rows = []
+    for path in sorted(tiles_dir.glob("*.parquet")) if tiles_dir.is_dir() else []:
+        tiles, meta = read_tiles(path)
+        slide = path.name[: -len(".parquet")]
+        if meta.get("failed"):
+            rows.append({"slide": slide, "patient": slide[:12], "status": "failed", "reason": meta["failed"]})
+        elif len(tiles) == 0:
+            reason = meta.get("warning") or "no patch passed the tissue threshold"
+            rows.append({"slide": slide, "patient": slide[:12], "status": "no patches", "reason": reason})
+    return pd.DataFrame(rows, columns=["slide", "patient", "status", "reason"])
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write a CSV atomically."""
+    with atomic_output(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="healnet report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cohort", required=True)
+    p.add_argument("--results-dir", type=Path, required=True, help="results/{cohort}")
+    p.add_argument("--omics-dir", type=Path, required=True, help="omics/{cohort}")
+    p.add_argument("--models-dir", type=Path, required=True, help="models/{cohort}")
+    p.add_argument("--features-dir", type=Path, required=True, help="features/{cohort}/{encoder}")
+    p.add_argument("--tiles-dir", type=Path, required=True, help="tiles/{cohort}")
+    p.add_argument("--slides-dir", default="", help="folder of the cohort's slides (for thumbnails)")
+    p.add_argument("--models", default="", help="comma-separated; default: every model under --results-dir")
+    p.add_argument("--top-omic-features", type=int, default=15)
+    p.add_argument("--heatmap-slides", type=int, default=3)
+    p.add_argument("-o", "--out", type=Path, required=True, help="figures folder")
+    return p
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    models = [m for m in args.models.split(",") if m] or sorted(
+        p.parent.name for p in args.results_dir.glob("*/predictions.parquet")
+    )
+    if not models:
+        raise InputError(args.results_dir, "no trained model results (*/predictions.parquet)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    predictions = load_predictions(args.results_dir, models)
+    folds = pd.concat([pd.read_csv(args.results_dir / m / "folds.csv") for m in models], ignore_index=True)
+    logrank = plot_km_curves(predictions, args.out / "km_curves.png")
+    write_csv(logrank, args.results_dir / "logrank.csv")
+    plot_c_index(folds, args.out / "c_index.png")
+    write_csv(failed_slides(args.tiles_dir), args.results_dir / "failed_slides.csv")
+
+    from healnet import explain
+
+    explain.draw_attention_figures(
+        models_dir=args.models_dir / "healnet", omics_dir=args.omics_dir, features_dir=args.features_dir,
+        tiles_dir=args.tiles_dir, slides_dir=Path(args.slides_dir) if args.slides_dir else None,
+        wsi_path=args.out / "attention_wsi.png", omics_path=args.out / "attention_omics.png",
+        n_slides=args.heatmap_slides, top_features=args.top_omic_features,
+    )
+    log.info("figures written to %s", args.out)
+    return 0

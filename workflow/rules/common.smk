@@ -1,0 +1,199 @@
+# Shared helpers: where each cohort's slides are, how many folds, which models, the healnet command.
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+# Each step runs `healnet <step>` as `python -m healnet.cli <step>`. The python is that of the job's
+# conda environment under --sdm conda, else the interpreter running Snakemake (the project's .venv).
+# PYTHONPATH makes this repository's two packages importable in conda environments and cluster jobs.
+BASEDIR = Path(workflow.basedir).resolve()
+sys.path.insert(0, str(BASEDIR))
+_USES_CONDA = DeploymentMethod.CONDA in (workflow.deployment_settings.deployment_method or ())
+_PYTHON = "python" if _USES_CONDA else sys.executable
+HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif")
+ENCODER = config["extract"]["encoder"]
+WSI_ONLY_MODELS = {"abmil"}
+MULTIMODAL_MODELS = {"healnet", "perceiver", "late_fusion"}
+
+
+def cohort_config(cohort):
+    return config["cohorts"][cohort]
+
+
+def is_demo(cohort):
+    return bool(cohort_config(cohort).get("demo", False))
+
+
+def slides_dir(cohort):
+    if is_demo(cohort):
+        return f"data/{cohort}/slides"
+    return cohort_config(cohort).get("slides")
+
+
+def omics_source(cohort):
+    if is_demo(cohort):
+        return f"data/{cohort}/omics"
+    return cohort_config(cohort).get("omics")
+
+
+def demo_plan(cohort):
+    from preprocessing.demo import plan_cohort
+
+    d = config["demo"]
+    return plan_cohort(d["patients"], d["seed"], d["long_side_px"], d["corrupt_slides"])
+
+
+def cohort_slides(cohort):
+    """Slide stem -> slide path, known when the DAG is built (demo slide names come from the seed)."""
+    if is_demo(cohort):
+        from preprocessing.demo import slide_files
+
+        names = slide_files(demo_plan(cohort))
+    else:
+        folder = slides_dir(cohort)
+        if not folder:
+            return {}
+        if not Path(folder).is_dir():
+            raise ValueError(f"cohort {cohort}: slides folder {folder} does not exist")
+        names = sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+    return {Path(n).stem: str(Path(slides_dir(cohort)) / n) for n in names}
+
+
+def slide_path(wildcards):
+    slides = cohort_slides(wildcards.cohort)
+    if wildcards.slide not in slides:
+        raise ValueError(f"cohort {wildcards.cohort} has no slide {wildcards.slide}")
+    return slides[wildcards.slide]
+
+
+def fold_ids(cohort):
+    """Fold numbers: one per splits_{k}.csv when the cohort ships splits, else config omics.n_folds."""
+    splits = cohort_config(cohort).get("splits")
+    if splits:
+        ks = sorted(int(p.stem.split("_")[-1]) for p in Path(splits).glob("splits_*.csv"))
+        if not ks:
+            raise ValueError(f"cohort {cohort}: no splits_*.csv in {splits}")
+        return ks
+    return list(range(config["omics"]["n_folds"]))
+
+
+def cohort_models(cohort):
+    """The configured models that can run on this cohort (no WSI-only model without slides)."""
+    has_slides = is_demo(cohort) or bool(cohort_config(cohort).get("slides"))
+    return [m for m in config["models"] if has_slides or m not in WSI_ONLY_MODELS]
+
+
+def tiles_of(cohort):
+    return [f"tiles/{cohort}/{s}.parquet" for s in cohort_slides(cohort)]
+
+
+def stores_of(cohort):
+    return [f"features/{cohort}/{ENCODER}/{s}.zarr" for s in cohort_slides(cohort)]
+
+
+REPORT_FIGURES = ["km_curves.png", "c_index.png", "attention_wsi.png", "attention_omics.png"]
+
+
+def final_outputs():
+    out = []
+    for cohort in config["cohorts"]:
+        out += [f"results/{cohort}/summary.md", f"results/{cohort}/summary.csv"]
+        out += [f"results/{cohort}/figures/{f}" for f in REPORT_FIGURES]
+        out += [f"results/{cohort}/failed_slides.csv"]
+    return out
+
+
+def device_needs_gpu(section):
+    return 0 if config[section]["device"] == "cpu" else 1
+
+
+# ---- demo -------------------------------------------------------------------------------------
+# Every demo cohort uses the `demo:` section, so its file names (from the seed) are the same for all.
+DEMO_COHORTS = [c for c in config["cohorts"] if is_demo(c)]
+DEMO_TABLES = ["clinical.tsv", "rna.tsv", "cnv.tsv", "mutations.maf"]
+
+
+def demo_slide_names():
+    from preprocessing.demo import slide_files
+
+    return slide_files(demo_plan(DEMO_COHORTS[0])) if DEMO_COHORTS else []
+
+
+# ---- omics ------------------------------------------------------------------------------------
+def omics_inputs(wildcards):
+    inputs = {"tiles": tiles_of(wildcards.cohort)}
+    if is_demo(wildcards.cohort):
+        inputs["plan"] = f"data/{wildcards.cohort}/cohort.json"
+    return inputs
+
+
+def omics_args(wildcards):
+    c = wildcards.cohort
+    args = [f"--omics {shlex.quote(str(omics_source(c)))}"]
+    if slides_dir(c):
+        args.append(f"--slides {shlex.quote(str(slides_dir(c)))} --tiles-dir tiles/{c}")
+    if cohort_config(c).get("splits"):
+        args.append(f"--splits {shlex.quote(cohort_config(c)['splits'])}")
+    if config["omics"]["clinical_covariates"]:
+        args.append("--clinical-covariates " + ",".join(config["omics"]["clinical_covariates"]))
+    return " ".join(args)
+
+
+# ---- train, evaluate, report -----------------------------------------------------------------
+def training_settings(wildcards):
+    """The effective training settings (file + --config overrides, defaults filled in) as JSON: a
+    change reruns training, while a change elsewhere (e.g. report settings) does not."""
+    return json.dumps(
+        {
+            "cohorts": {wildcards.cohort: cohort_config(wildcards.cohort)},
+            "training": config["training"],
+            "healnet": config["healnet"],
+        },
+        sort_keys=True,
+    )
+
+
+def train_inputs(wildcards):
+    return {
+        "config": f"results/{wildcards.cohort}/config.json",
+        "manifest": f"omics/{wildcards.cohort}/manifest.parquet",
+        "features": f"omics/{wildcards.cohort}/features.parquet",
+        "splits": f"omics/{wildcards.cohort}/splits.parquet",
+        "stores": stores_of(wildcards.cohort),
+    }
+
+
+def evaluate_inputs(wildcards):
+    return expand("results/{cohort}/{model}/folds.csv", cohort=wildcards.cohort, model=cohort_models(wildcards.cohort))
+
+
+def report_inputs(wildcards):
+    c = wildcards.cohort
+    models = cohort_models(c)
+    return {
+        "summary": f"results/{c}/summary.csv",
+        "predictions": expand("results/{cohort}/{model}/predictions.parquet", cohort=c, model=models),
+        "models": expand("models/{cohort}/{model}", cohort=c, model=models),
+        "manifest": f"omics/{c}/manifest.parquet",
+        "tiles": tiles_of(c),
+        "stores": stores_of(c),
+    }
+
+
+def figure(name, caption, label):
+    return report(
+        f"results/{{cohort}}/figures/{name}",
+        caption=f"../report/{caption}",
+        category="Results",
+        subcategory="{cohort}",
+        labels={"cohort": "{cohort}", "figure": label},
+    )
+
+
+def optional_flag(flag, value):
+    """`--flag 'value'` when the config sets value, else nothing."""
+    return f"{flag} {shlex.quote(str(value))}" if value not in (None, "", []) else ""

@@ -1,0 +1,39 @@
+# One job per cohort: the figures a pathologist reads, also marked for `snakemake --report`.
+
+
+rule report:
+    input:
+        unpack(report_inputs),
+    output:
+        km=figure("km_curves.png", "km_curves.rst", "Kaplan-Meier curves"),
+        cindex=figure("c_index.png", "c_index.rst", "c-index per model"),
+        wsi=figure("attention_wsi.png", "attention_wsi.rst", "HEALNet attention on slides"),
+        omics=figure("attention_omics.png", "attention_omics.rst", "HEALNet attention on omic features"),
+        failed=report(
+            "results/{cohort}/failed_slides.csv",
+            caption="../report/failed_slides.rst",
+            category="Results",
+            subcategory="{cohort}",
+            labels={"cohort": "{cohort}", "table": "failed slides"},
+        ),
+    log:
+        "logs/{cohort}/report.log",
+    benchmark:
+        "benchmarks/out/{cohort}/report.tsv"
+    params:
+        healnet=HEALNET,
+        encoder=ENCODER,
+        r=config["report"],
+        slides=lambda wc: slides_dir(wc.cohort) or "",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/model.yaml"
+    shell:
+        "{params.healnet} report --cohort {wildcards.cohort} --results-dir results/{wildcards.cohort}"
+        " --omics-dir omics/{wildcards.cohort} --models-dir models/{wildcards.cohort}"
+        " --features-dir features/{wildcards.cohort}/{params.encoder} --tiles-dir tiles/{wildcards.cohort}"
+        " --slides-dir {params.slides:q} --top-omic-features {params.r[top_omic_features]}"
+        " --heatmap-slides {params.r[heatmap_slides]} -o results/{wildcards.cohort}/figures > {log} 2>&1"

@@ -1,0 +1,39 @@
+# One job per slide: MPP-aware patch grid on the tissue mask, plus a QC picture to look at.
+
+
+rule tile:
+    input:
+        slide=slide_path,
+    output:
+        tiles="tiles/{cohort}/{slide}.parquet",
+        qc=report(
+            "qc/{cohort}/{slide}.png",
+            caption="../report/tiling_qc.rst",
+            category="Tiling QC",
+            subcategory="{cohort}",
+            labels={"cohort": "{cohort}", "slide": "{slide}"},
+        ),
+    log:
+        "logs/{cohort}/tile/{slide}.log",
+    benchmark:
+        "benchmarks/out/{cohort}/tile/{slide}.tsv"
+    params:
+        healnet=HEALNET,
+        t=config["tiling"],
+        options=" ".join(
+            [
+                optional_flag("--mpp-overrides", config["tiling"]["mpp_overrides"]),
+                optional_flag("--default-mpp", config["tiling"]["default_mpp"]),
+            ]
+        ),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/slides.yaml"
+    shell:
+        "{params.healnet} tile {input.slide:q} -o {output.tiles:q} --qc {output.qc:q}"
+        " --target-mpp {params.t[target_mpp]} --patch-size {params.t[patch_size]}"
+        " --min-tissue-fraction {params.t[min_tissue_fraction]} {params.options}"
+        " --on-error {params.t[on_slide_error]} > {log:q} 2>&1"

@@ -1,0 +1,77 @@
+# One job per cohort x model: every fold trained and scored (full and missing-modality settings).
+
+
+rule config_snapshot:
+    output:
+        "results/{cohort}/config.json",
+    log:
+        "logs/{cohort}/config_snapshot.log",
+    params:
+        text=training_settings,
+    threads: 1
+    resources:
+        mem_mb=200,
+        runtime=1,
+    conda:
+        "../../envs/tables.yaml"
+    shell:
+        "printf '%s\\n' {params.text:q} > {output} 2> {log}"
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        folds="results/{cohort}/{model}/folds.csv",
+        predictions="results/{cohort}/{model}/predictions.parquet",
+        models=directory("models/{cohort}/{model}"),
+    log:
+        "logs/{cohort}/train/{model}.log",
+    benchmark:
+        "benchmarks/out/{cohort}/train/{model}.tsv"
+    params:
+        healnet=HEALNET,
+        encoder=ENCODER,
+        device=config["training"]["device"],
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=device_needs_gpu("training"),
+    conda:
+        "../../envs/model.yaml"
+    shell:
+        "{params.healnet} train --config {input.config} --cohort {wildcards.cohort} --model {wildcards.model}"
+        " --omics-dir omics/{wildcards.cohort} --features-dir features/{wildcards.cohort}/{params.encoder}"
+        " --models-dir {output.models} --results-dir results/{wildcards.cohort}/{wildcards.model}"
+        " --threads {threads} --device {params.device} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        evaluate_inputs,
+    output:
+        csv=report(
+            "results/{cohort}/summary.csv",
+            caption="../report/summary.rst",
+            category="Results",
+            subcategory="{cohort}",
+            labels={"cohort": "{cohort}", "table": "summary (CSV)"},
+        ),
+        md="results/{cohort}/summary.md",
+    log:
+        "logs/{cohort}/evaluate.log",
+    benchmark:
+        "benchmarks/out/{cohort}/evaluate.tsv"
+    params:
+        healnet=HEALNET,
+        models=lambda wc: ",".join(cohort_models(wc.cohort)),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/model.yaml"
+    shell:
+        "{params.healnet} evaluate --cohort {wildcards.cohort} --results-dir results/{wildcards.cohort}"
+        " --models {params.models} -o {output.csv} > {log} 2>&1"
