@@ -28,7 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: healnet <command> [options]   (healnet <command> --help for its options)", "", "commands:"]
+    lines = ["usage: healnet <command> [options]   (healnet <command> --help for its options)", "",
+             "commands:"]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 

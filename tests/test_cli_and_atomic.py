@@ -1,0 +1,60 @@
+"""The command line: subcommands listed, bad input reported on one line; outputs appear atomically."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from healnet.cli import SUBCOMMANDS
+from preprocessing.atomic import atomic_output
+
+
+def healnet(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "healnet.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_every_step() -> None:
+    run = healnet("--help")
+    assert run.returncode == 0
+    for name in ["demo", "tile", "extract", "omics", "train", "evaluate", "report"]:
+        assert name in SUBCOMMANDS and f"  {name}" in run.stdout
+
+
+def test_unknown_command_fails() -> None:
+    run = healnet("tiel")
+    assert run.returncode == 2 and "unknown command 'tiel'" in run.stderr
+
+
+def test_bad_input_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.svs"
+    run = healnet("tile", str(missing), "-o", str(tmp_path / "t.parquet"))
+    assert run.returncode == 1
+    lines = [line for line in run.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and str(missing) in lines[0]
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_atomic_file_and_directory(tmp_path: Path) -> None:
+    dest = tmp_path / "out.txt"
+    with atomic_output(dest) as tmp:
+        tmp.write_text("one")
+        assert not dest.exists()
+    assert dest.read_text() == "one"
+
+    with pytest.raises(RuntimeError), atomic_output(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert dest.read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+    store = tmp_path / "s.zarr"
+    for content in ["a", "b"]:
+        with atomic_output(store) as tmp:
+            tmp.mkdir()
+            (tmp / "x").write_text(content)
+    assert (store / "x").read_text() == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "s.zarr"]

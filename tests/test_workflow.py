@@ -1,0 +1,100 @@
+"""The whole Snakemake DAG on a tiny demo cohort, the lint, and the SLURM profile's dry run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+TINY = {
+    "cohorts": {"TINY": {"demo": True}},
+    "demo": {"patients": 12, "seed": 3, "long_side_px": 3000, "corrupt_slides": 1},
+    "omics": {"n_folds": 3},
+    "training": {"epochs": 3, "max_patches_train": 256},
+    "healnet": {"depth": 1, "n_latents": 8, "latent_dim": 32},
+    "report": {"heatmap_slides": 2},
+}
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
+           str(workdir / "config.yaml"), "--replace-workflow-config", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("tiny")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
+    run = snakemake(workdir, "--cores", "2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return workdir
+
+
+def test_whole_dag_runs_and_second_run_does_nothing(tiny_run: Path) -> None:
+    summary = pd.read_csv(tiny_run / "results/TINY/summary.csv")
+    assert {"healnet", "snn", "abmil", "perceiver", "late_fusion"} <= set(summary["model"])
+    assert summary["c_index_mean"].between(0, 1).all()
+    assert (tiny_run / "results/TINY/summary.md").read_text().count("|") > 10
+    for fig in ["km_curves.png", "c_index.png", "attention_wsi.png", "attention_omics.png"]:
+        assert (tiny_run / "results/TINY/figures" / fig).stat().st_size > 5000
+    again = snakemake(tiny_run, "--cores", "2")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_corrupt_slide_is_listed_and_its_patient_has_no_slide(tiny_run: Path) -> None:
+    failed = pd.read_csv(tiny_run / "results/TINY/failed_slides.csv")
+    bad = failed[failed["status"] == "failed"]
+    assert len(bad) == 1 and bad["reason"].str.len().iloc[0] > 5
+    manifest = pd.read_parquet(tiny_run / "omics/TINY/manifest.parquet")
+    slide = bad["slide"].iloc[0]
+    row = manifest[manifest["patient"] == slide[:12]]
+    assert all(slide not in list(s) for s in row["slides"])
+
+
+def test_snakemake_report_collects_tables_and_figures(tiny_run: Path) -> None:
+    run = snakemake(tiny_run, "--report", str(tiny_run / "report.html"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    html = (tiny_run / "report.html").read_text(errors="replace")
+    for name in ["km_curves.png", "attention_wsi.png", "summary.csv", "failed_slides.csv"]:
+        assert name in html
+
+
+def test_single_output_by_path_runs_only_what_it_needs(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    dry = snakemake(tmp_path, "-n", "omics/TINY/manifest.parquet")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, flags=re.M))
+    assert set(jobs) - {"total"} == {"demo", "tile", "omics"}
+
+
+def test_lint_is_clean() -> None:
+    run = subprocess.run([SNAKEMAKE, "--lint", "-s", str(REPO / "Snakefile")], capture_output=True,
+                         text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0
+    assert "Congratulations" in run.stdout + run.stderr
+
+
+def test_slurm_dry_run_places_gpu_jobs(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    run = snakemake(tmp_path, "-n", "--profile", str(REPO / "workflow/profiles/slurm"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    blocks = re.split(r"\n(?=rule \w+:)", run.stdout)
+    resources = {}
+    for block in blocks:
+        name = re.match(r"rule (\w+):", block)
+        res = re.search(r"resources: (.*)", block)
+        if name and res:
+            resources[name.group(1)] = res.group(1)
+    for gpu_rule in ["extract", "train"]:
+        assert "slurm_partition=gpu" in resources[gpu_rule] and "gpu=1" in resources[gpu_rule]
+    assert "slurm_partition=cpu" in resources["tile"] and "gpu=" not in resources["tile"]
