@@ -1,0 +1,21 @@
+"""Omic tables: readers, TCGA barcodes, per-patient join, folds and fold-fitted transforms.
+
+``healnet omics`` (``preprocessing.omics.cli``) writes the manifest, feature matrix and splits;
+``train`` fits :class:`OmicTransform` and :class:`TimeBins` per fold on the training patients only.
+"""
+
+from preprocessing.omics.labels import TimeBins, fold_time_bins
+from preprocessing.omics.readers import CohortTables, read_omics
+from preprocessing.omics.splits import generate_splits, read_splits
+from preprocessing.omics.transforms import OmicTransform, fit_fold
+
+__all__ = [
+    "CohortTables",
+    "OmicTransform",
+    "TimeBins",
+    "fit_fold",
+    "fold_time_bins",
+    "generate_splits",
+    "read_omics",
+    "read_splits",
+]

@@ -1,0 +1,206 @@
+"""``healnet omics``: clinical + omic tables + slides -> manifest, feature matrix, folds, summary.
+
+Writes to OUT_DIR (each file atomically, all computed before the first is written):
+``manifest.parquet`` (one row per patient), ``features.parquet`` (patients with omics x
+``{modality}:{gene}``), ``splits.parquet`` (fold, patient, role) and ``summary.json`` (counts,
+missing modalities, censoring, failed slides, per-fold time-bin cut points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from preprocessing.atomic import atomic_output
+from preprocessing.errors import InputError
+from preprocessing.omics.barcodes import describe_rows
+from preprocessing.omics.join import build_features, build_manifest, list_slide_files, read_slide_list
+from preprocessing.omics.labels import fold_time_bins
+from preprocessing.omics.readers import MODALITIES, CohortTables, read_omics
+from preprocessing.omics.splits import check_splits, generate_splits, read_splits
+
+log = logging.getLogger(__name__)
+
+LIST_COLUMNS = ("slides", "failed_slides", "slide_ids_listed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``healnet omics``."""
+    parser = argparse.ArgumentParser(
+        prog="healnet omics",
+        description="Join clinical and omic tables per patient, match slides by barcode, and define folds.",
+    )
+    parser.add_argument("--cohort", required=True, help="cohort name (for logs and the summary)")
+    parser.add_argument("--omics", required=True, type=Path,
+                        help="one MCAT-style table (.csv/.csv.zip/.csv.gz/.tsv) or a folder of tables")
+    slides = parser.add_mutually_exclusive_group()
+    slides.add_argument("--slides", type=Path, help="folder of slide files (listed by name only)")
+    slides.add_argument("--slide-list", type=Path, help="text file: one slide file name or path per line")
+    parser.add_argument("--tiles-dir", type=Path,
+                        help="tiling outputs {slide_stem}.parquet: slides without patches count as unusable")
+    parser.add_argument("--splits", type=Path, help="folder of splits_{k}.csv (columns train, val); "
+                                                    "default: generate stratified folds")
+    parser.add_argument("--n-folds", type=int, default=5, help="folds to generate (default 5)")
+    parser.add_argument("--n-bins", type=int, default=4, help="survival time bins (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated folds (default 0)")
+    parser.add_argument("--clinical-covariates", default="",
+                        help="comma-separated clinical columns added as clin:{name} features (age,is_female)")
+    parser.add_argument("--include-silent-mutations", action="store_true",
+                        help="count silent/UTR/intron variants of a MAF as mutations too")
+    parser.add_argument("-o", "--out", required=True, type=Path, help="output folder")
+    return parser
+
+
+def _count_summary(
+    cohort: str, tables: CohortTables, manifest: pd.DataFrame, features: pd.DataFrame, info: dict[str, Any]
+) -> dict[str, Any]:
+    n = len(manifest)
+    per_modality = {"wsi": int(manifest["has_wsi"].sum()), "omics": int(manifest["has_omics"].sum())}
+    per_modality.update({m: int(manifest[f"has_{m}"].sum()) for m in MODALITIES})
+    per_modality["wsi_and_omics"] = int((manifest["has_wsi"] & manifest["has_omics"]).sum())
+    present = [m for m in MODALITIES if m in tables.omics]
+    columns = {m: [c for c in features.columns if c.startswith(f"{m}:")] for m in present}
+    genes = {m: len(cols) for m, cols in columns.items()}
+    missing_values = {m: int(features[cols].isna().to_numpy().sum()) for m, cols in columns.items()}
+    events = int(manifest["event"].sum())
+    barcodes = {
+        m: {k: (len(v) if isinstance(v, list) else v) for k, v in note.items() if k != "chosen_samples"}
+        for m, note in tables.notes.items()
+    }
+    without_survival = info["omic_patients_without_survival"]
+    return {
+        "cohort": cohort,
+        "layout": tables.layout,
+        "sources": tables.sources,
+        "patients": n,
+        "patients_dropped_no_survival": tables.dropped_no_survival,
+        "patients_without_any_modality": manifest.loc[~manifest["has_data"], "patient"].tolist(),
+        "slides": {k: v for k, v in info.items() if k != "omic_patients_without_survival"},
+        "omic_patients_without_survival": {m: len(v) for m, v in without_survival.items()},
+        "patients_per_modality": per_modality,
+        "patients_missing_modality": {k: n - per_modality[k] for k in ("wsi", "omics", *present)},
+        "genes_per_modality": genes,
+        "missing_values_in_features": missing_values,
+        "clinical_covariates": [c.split(":", 1)[1] for c in features.columns if c.startswith("clin:")],
+        "barcodes": barcodes,
+        "censoring": {
+            "events": events,
+            "censored": n - events,
+            "censored_fraction": round((n - events) / n, 4) if n else None,
+            "time_months": {"min": float(manifest["time"].min()), "median": float(manifest["time"].median()),
+                            "max": float(manifest["time"].max())},
+        },
+    }
+
+
+def _write_parquet_table(table: pa.Table, dest: Path) -> None:
+    with atomic_output(dest) as tmp:
+        pq.write_table(table, tmp)
+
+
+def features_table(features: pd.DataFrame) -> pa.Table:
+    """The feature matrix as an Arrow table that pandas reads back with its ``patient`` index.
+
+    Built column by column from one float32 array with the pandas metadata written directly:
+    ``Table.from_pandas`` spends ~17 ms per column, i.e. minutes on 45,000 gene columns.
+    """
+    names = [str(c) for c in features.columns]
+    values = np.asfortranarray(features.to_numpy(dtype=np.float32))
+    arrays = [pa.array(features.index.to_numpy(dtype=object), type=pa.string())]
+    arrays += [pa.array(values[:, j]) for j in range(values.shape[1])]
+    column = {"pandas_type": "float32", "numpy_type": "float32", "metadata": None}
+    pandas_meta = {
+        "index_columns": ["patient"],
+        "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode",
+                            "numpy_type": "object", "metadata": {"encoding": "UTF-8"}}],
+        "columns": [{"name": "patient", "field_name": "patient", "pandas_type": "unicode",
+                     "numpy_type": "object", "metadata": None}]
+        + [{"name": n, "field_name": n, **column} for n in names],
+        "creator": {"library": "pyarrow", "version": pa.__version__},
+        "pandas_version": pd.__version__,
+    }
+    table = pa.Table.from_arrays(arrays, names=["patient", *names])
+    return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
+
+
+def manifest_table(manifest: pd.DataFrame) -> pa.Table:
+    """The manifest as an Arrow table with list<string> slide columns (also when all lists are empty)."""
+    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    for name in LIST_COLUMNS:
+        if name in table.column_names:
+            i = table.column_names.index(name)
+            table = table.set_column(i, name, table.column(name).cast(pa.list_(pa.string())))
+    return table
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run ``healnet omics``; returns the exit status (InputError propagates to healnet.cli)."""
+    args = build_parser().parse_args(argv)
+    covariates = [c.strip() for c in args.clinical_covariates.split(",") if c.strip()]
+    if args.n_bins < 1:
+        raise InputError("--n-bins", f"must be at least 1, got {args.n_bins}")
+    if args.tiles_dir is not None and not args.tiles_dir.is_dir():
+        raise InputError(args.tiles_dir, "tiles folder not found")
+
+    tables = read_omics(args.omics, include_silent=args.include_silent_mutations)
+    if args.slides is not None:
+        stems, source = list_slide_files(args.slides), str(args.slides)
+    elif args.slide_list is not None:
+        stems, source = read_slide_list(args.slide_list), str(args.slide_list)
+    else:
+        stems, source = None, "slides"
+    manifest, info = build_manifest(tables, stems, source, args.tiles_dir)
+    features = build_features(tables, manifest, covariates)
+
+    if args.splits is not None:
+        splits = read_splits(args.splits, manifest["patient"])
+        n_folds = int(splits["fold"].nunique())
+        if n_folds != args.n_folds:
+            log.info("%d folds from %s (--n-folds %d not used)", n_folds, args.splits, args.n_folds)
+        split_source = str(args.splits)
+    else:
+        splits = generate_splits(manifest, args.n_folds, args.seed, args.n_bins)
+        n_folds, split_source = args.n_folds, "generated"
+    check_splits(splits, manifest["patient"])
+    bins = fold_time_bins(manifest, splits, args.n_bins)
+
+    summary = _count_summary(args.cohort, tables, manifest, features, info)
+    labels = manifest.set_index("patient")
+    folds = []
+    for k in range(n_folds):
+        part = splits[splits["fold"] == k]
+        fold: dict[str, Any] = {"fold": k, "time_bin_cuts_months": bins[k].cuts_}
+        for role in ("train", "val"):
+            who = labels.loc[part.loc[part["role"] == role, "patient"]]
+            per_bin = np.bincount(bins[k].transform(who["time"]), minlength=args.n_bins)
+            fold[role] = {"patients": len(who), "events": int(who["event"].sum()),
+                          "with_omics": int(who["has_omics"].sum()), "with_wsi": int(who["has_wsi"].sum()),
+                          "per_time_bin": per_bin.tolist()}
+        folds.append(fold)
+    summary["splits"] = {"source": split_source, "n_folds": n_folds, "n_bins": args.n_bins,
+                         "seed": args.seed if split_source == "generated" else None, "folds": folds}
+
+    for key, count in summary["patients_missing_modality"].items():
+        log.info("%s: %d of %d patients have no %s", args.cohort, count, len(manifest), key)
+    if info["failed_slides"]:
+        log.warning("%d slide(s) unusable: %s", len(info["failed_slides"]),
+                    describe_rows(f"{f['slide']} ({f['reason']})" for f in info["failed_slides"]))
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    _write_parquet_table(manifest_table(manifest), out / "manifest.parquet")
+    _write_parquet_table(features_table(features), out / "features.parquet")
+    _write_parquet_table(pa.Table.from_pandas(splits, preserve_index=False), out / "splits.parquet")
+    with atomic_output(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%s: %d patients (%d with slides, %d with omics), %d folds -> %s", args.cohort, len(manifest),
+             summary["patients_per_modality"]["wsi"], summary["patients_per_modality"]["omics"], n_folds, out)
+    return 0
