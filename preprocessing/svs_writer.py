@@ -47,6 +47,18 @@ def aperio_description(width: int, height: int, tile: int, quality: int,
     return "|".join(fields)
 
 
+def _flat_colour(pixels: np.ndarray) -> tuple[int, ...] | None:
+    """The tile's colour if every pixel has it, else None. Cheap for the common cases: a broadcast
+    view (a renderer's way to say "flat") is recognised from its strides, and a textured tile is
+    usually rejected from a sparse sample before the full comparison."""
+    first = pixels[0, 0]
+    if pixels.strides[0] == 0 and pixels.strides[1] == 0:
+        return tuple(int(v) for v in first)
+    if not (pixels[::16, ::16] == first).all() or not (pixels == first).all():
+        return None
+    return tuple(int(v) for v in first)
+
+
 def _encoded_tiles(render: RenderFn, ds: float, width: int, height: int, tile: int,
                    quality: int, cache: dict[tuple[int, ...], bytes]) -> Iterator[bytes]:
     for y in range(0, height, tile):
@@ -55,18 +67,18 @@ def _encoded_tiles(render: RenderFn, ds: float, width: int, height: int, tile: i
             pixels = np.asarray(render(ds, x, y, w, h), dtype=np.uint8)
             if pixels.shape != (h, w, 3):
                 raise ValueError(f"render returned {pixels.shape}, expected {(h, w, 3)}")
+            colour = _flat_colour(pixels)
+            if colour is not None:
+                # A flat tile (background) is encoded once per colour, padding included.
+                if colour not in cache:
+                    cache[colour] = imagecodecs.jpeg8_encode(
+                        np.full((tile, tile, 3), colour, np.uint8), level=quality)
+                yield cache[colour]
+                continue
             if (w, h) != (tile, tile):
-                padded = np.full((tile, tile, 3), 255, np.uint8)
-                padded[:h, :w] = pixels
-                pixels = padded
-            first = pixels[0, 0]
-            if (pixels == first).all():
-                key = tuple(int(v) for v in first)
-                if key not in cache:
-                    cache[key] = imagecodecs.jpeg8_encode(pixels, level=quality)
-                yield cache[key]
-            else:
-                yield imagecodecs.jpeg8_encode(pixels, level=quality)
+                # Repeat the edge into the padding: white padding would bleed into the last pixels.
+                pixels = np.pad(pixels, ((0, tile - h), (0, tile - w), (0, 0)), mode="edge")
+            yield imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels), level=quality)
 
 
 def write_aperio_svs(path: str | Path, width: int, height: int, render: RenderFn, *,
