@@ -1,0 +1,586 @@
+"""Patch embeddings of one slide into a Zarr v3 store (``healnet extract``).
+
+Reads the patches listed in a tiles file (see :mod:`preprocessing.tiles_io`) through a torch
+DataLoader whose worker processes each open their own slide handle, runs them through an encoder
+(:mod:`preprocessing.encoders`) and writes ``features`` (N x D) and ``coords`` (N x 2, level-0 px)
+with attributes that say how they were made. The store appears under its final name only once
+complete (``complete: true`` is its last attribute), so a killed job never leaves one that looks done.
+
+    healnet extract SLIDE TILES -o OUT.zarr [--encoder efficientnet_lite0|resnet50_trunc|<timm name>]
+        [--weights FILE] [--allow-random-weights] [--batch-size 64] [--device auto|cpu|cuda]
+        [--dtype float16|float32] [--workers 1] [--threads N] [--max-bad-patch-fraction 0.01]
+        [--stain-norm macenko|vahadane|reinhard --stain-reference IMAGE]
+
+An existing complete store made from the same tiles with the same encoder, weights, dtype and stain
+normalisation is kept (the command says so and exits 0). Zero tiles, or a tiles file marked
+``failed``, give a valid empty store (``failed`` copied into its attributes). Patches whose pixels
+cannot be decoded are left out and listed in ``bad_patches``; more than ``--max-bad-patch-fraction``
+of them, or any non-finite feature, fail the slide. The training step reads stores with
+:func:`read_store` and checks them with :func:`is_complete`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# OpenMP threads that sleep instead of spinning while they wait for each other. Set before torch
+# loads libgomp (so it takes effect in `healnet extract`, not where torch was imported earlier): with
+# the reader process and other jobs sharing the cores, spinning threads that wait at every layer for a
+# descheduled sibling made 2-thread inference 2-3x slower than 1 thread on this 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+import pandas as pd
+import timm
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from preprocessing.atomic import atomic_output, remove_path
+from preprocessing.encoders import (
+    DEFAULT_ENCODER,
+    STAIN_METHODS,
+    Encoder,
+    Normalise,
+    StainNormaliser,
+    build_encoder,
+    resize_patch,
+    rgba_to_rgb,
+)
+from preprocessing.errors import InputError
+from preprocessing.tiles_io import read_tiles
+
+log = logging.getLogger(__name__)
+
+#: rows per chunk of ``features``: a typical bag (a few thousand patches) is one or two chunk reads.
+CHUNK_ROWS = 4096
+#: per-patch status returned by the loader
+OK, BAD, STAIN_SKIPPED = 0, 1, 2
+#: attributes that must match for an existing complete store to be reused
+REUSE_KEYS = ("encoder", "weights", "weights_sha256", "dtype", "n_tiles", "tiles_sha256", "stain_norm")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading patches
+
+
+class PatchDataset(Dataset):
+    """Patches of one slide as uint8 (H, W, 3) tensors at the encoder's input size.
+
+    Each process opens its own OpenSlide handle on first use (handles must not cross a fork). A
+    patch whose pixels cannot be decoded comes back blank with status ``BAD``; the handle is then
+    reopened, since OpenSlide refuses all further reads on a handle after an error.
+    """
+
+    def __init__(self, slide: str | Path, coords: np.ndarray, level: int, read_size: int,
+                 out_size: tuple[int, int], interpolation: str = "bicubic",
+                 stain: StainNormaliser | None = None) -> None:
+        self.slide = str(slide)
+        self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        self.level = int(level)
+        self.read_size = int(read_size)
+        self.out_size = (int(out_size[0]), int(out_size[1]))
+        self.interpolation = interpolation
+        self.stain = stain
+        self._handle: openslide.OpenSlide | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def _slide(self) -> openslide.OpenSlide:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = openslide.OpenSlide(self.slide)
+            self._pid = os.getpid()
+        return self._handle
+
+    def _reset(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """One patch as uint8 RGB at the output size, and its status."""
+        x, y = (int(v) for v in self.coords[index])
+        try:
+            region = self._slide().read_region((x, y), self.level, (self.read_size, self.read_size))
+        except openslide.OpenSlideError:
+            self._reset()
+            return np.full((*self.out_size, 3), 255, np.uint8), BAD
+        rgb = resize_patch(rgba_to_rgb(np.asarray(region)), self.out_size, self.interpolation)
+        if self.stain is not None:
+            rgb, normalised = self.stain(rgb)
+            if not normalised:
+                return rgb, STAIN_SKIPPED
+        return rgb, OK
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        rgb, status = self.read(index)
+        return torch.from_numpy(np.ascontiguousarray(rgb)), index, status
+
+
+@contextlib.contextmanager
+def single_threaded_opencv() -> Iterator[None]:
+    """OpenCV on one thread while reader processes are forked, then as before.
+
+    A forked child cannot use (or even resize) the thread pool of a parent that has used OpenCV in
+    parallel: it deadlocks. With one thread OpenCV runs inline and has no pool to inherit.
+    """
+    import cv2
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+
+#: size of the first batch: the model waits for it to be read, so it is kept small
+FIRST_BATCH = 8
+
+
+def batch_indices(n: int, batch_size: int, first: int = FIRST_BATCH) -> list[list[int]]:
+    """Tile indices in order, cut into batches; the first one short so that the model starts early."""
+    first = min(first, batch_size)
+    cuts = [0, *range(first, n, batch_size), n] if n > first else [0, n]
+    return [list(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def reader_processes(n: int, batch_size: int, workers: int) -> int:
+    """Worker processes worth starting: none when a single batch leaves nothing to overlap."""
+    return workers if n > batch_size else 0
+
+
+def make_loader(dataset: PatchDataset, batch_size: int, workers: int, pin_memory: bool,
+                prefetch_batches: int = 4) -> DataLoader:
+    """Batches in tile order; ``workers`` reader processes (0: read in this process)."""
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = {"prefetch_factor": max(1, math.ceil(prefetch_batches / workers))}
+    return DataLoader(dataset, batch_sampler=batch_indices(len(dataset), batch_size), num_workers=workers,
+                      pin_memory=pin_memory, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# running the model
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; asking for cuda without one is an input error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", "cuda requested but no CUDA device is available")
+    if device not in {"cpu", "cuda"}:
+        raise InputError("--device", f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+class FeatureRunner:
+    """Encoder + normalisation on one device: uint8 NHWC batches in, float32 features out.
+
+    channels_last memory on CPU and GPU; on CUDA also autocast (bf16 where supported, else fp16),
+    cuDNN autotuning and non-blocking copies from pinned memory.
+    """
+
+    def __init__(self, encoder: Encoder, device: torch.device) -> None:
+        self.device = device
+        self.model = encoder.model.to(device).to(memory_format=torch.channels_last).eval()
+        self.normalise = Normalise(encoder.mean, encoder.std).to(device)
+        self.feature_dim = encoder.feature_dim
+        self.amp_dtype: torch.dtype | None = None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Features of a uint8 (N, H, W, 3) batch, float32 (N, D) on the runner's device."""
+        x = self.normalise(batch.to(self.device, non_blocking=True))
+        if self.amp_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        return out.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# the store
+
+
+class _RowWriter:
+    """Append rows to a 2-D Zarr array one whole chunk at a time (each chunk is written once)."""
+
+    def __init__(self, array: zarr.Array, chunk_rows: int) -> None:
+        self.array = array
+        self.chunk_rows = chunk_rows
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        self.buffer.append(rows)
+        self.buffered += len(rows)
+        if self.buffered >= self.chunk_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self.buffer:
+            return
+        rows = np.concatenate(self.buffer)
+        take = len(rows) if final else (len(rows) // self.chunk_rows) * self.chunk_rows
+        if take:
+            self.array[self.written:self.written + take] = rows[:take]
+            self.written += take
+        self.buffer = [rows[take:]] if take < len(rows) else []
+        self.buffered = len(rows) - take
+
+    def close(self) -> int:
+        self._flush(final=True)
+        return self.written
+
+
+def tiles_fingerprint(coords: np.ndarray) -> str:
+    """sha256 of the tile coordinates (int64, row order): a rerun with other tiles is not reused."""
+    return hashlib.sha256(np.ascontiguousarray(coords, dtype=np.int64).tobytes()).hexdigest()
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when ``path`` is a feature store whose writer finished (``complete`` attribute set)."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        if group.attrs.get("complete") is not True:
+            return False
+        features, coords = group["features"], group["coords"]
+        return features.shape[0] == coords.shape[0] == group.attrs.get("n_patches")
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not complete
+        return False
+
+
+def read_store(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Load a complete store: (features N x D, coords N x 2 int64, attributes)."""
+    if not is_complete(path):
+        raise InputError(path, "not a complete feature store (missing, or its writer did not finish)")
+    group = zarr.open_group(str(path), mode="r")
+    return np.asarray(group["features"][:]), np.asarray(group["coords"][:]), dict(group.attrs)
+
+
+def _reusable(out: Path, expected: dict[str, Any]) -> bool:
+    if not is_complete(out):
+        return False
+    attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+    return all(attrs.get(key) == expected.get(key) for key in REUSE_KEYS)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary stores left by killed runs for ``out`` (their writer process is gone)."""
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(path.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.info("removing %s left by an interrupted run", path)
+            remove_path(path)
+        except PermissionError:
+            pass
+
+
+def _versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__,
+            "openslide_python": openslide.__version__, "openslide": openslide.__library_version__,
+            "numpy": np.__version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# one slide
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract_slide` did: patches written, bad ones, time spent in the patch loop."""
+
+    out: Path
+    n_patches: int
+    n_tiles: int
+    bad: list[tuple[int, int]] = field(default_factory=list)
+    skipped: bool = False
+    loop_seconds: float = 0.0
+
+    @property
+    def patches_per_second(self) -> float:
+        return self.n_tiles / self.loop_seconds if self.loop_seconds > 0 else float("nan")
+
+
+_REQUIRED_META = ("level", "downsample", "patch_size_level0", "patch_size")
+
+
+def _load_tiles(tiles: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    if not tiles.is_file():
+        raise InputError(tiles, "tiles file not found")
+    try:
+        frame, meta = read_tiles(tiles)
+    except Exception as err:  # noqa: BLE001 - any reader failure means an unusable tiles file
+        raise InputError(tiles, f"cannot read tiles table ({type(err).__name__}: {err})") from err
+    missing = [c for c in ("x", "y") if c not in frame.columns]
+    if missing:
+        raise InputError(tiles, f"tiles table lacks column(s) {', '.join(missing)}")
+    return frame, meta
+
+
+def _check_meta(tiles: Path, slide: Path, meta: dict[str, Any], handle: openslide.OpenSlide) -> int:
+    """Validate the tiles metadata against the slide; returns the read size in level pixels."""
+    missing = [k for k in _REQUIRED_META if meta.get(k) is None]
+    if missing:
+        raise InputError(tiles, f"tiles metadata lacks {', '.join(missing)}")
+    if meta.get("slide"):
+        made_from = Path(str(meta["slide"])).name
+        if made_from not in {slide.name, slide.stem}:
+            raise InputError(tiles, f"tiles were made from slide {made_from!r}, not {slide.name!r}")
+    level = int(meta["level"])
+    if not 0 <= level < handle.level_count:
+        raise InputError(tiles, f"level {level} not in slide {slide.name} ({handle.level_count} levels)")
+    downsample = float(meta["downsample"])
+    actual = float(handle.level_downsamples[level])
+    if not math.isclose(downsample, actual, rel_tol=0.01):
+        log.warning("%s: tiles say level %d has downsample %.4g, the slide says %.4g; using the tiles' value",
+                    slide.name, level, downsample, actual)
+    read_size = round(float(meta["patch_size_level0"]) / downsample)
+    if read_size < 1:
+        raise InputError(tiles, f"patch_size_level0 {meta['patch_size_level0']} is under one pixel "
+                                f"at level {level}")
+    return read_size
+
+
+@dataclass
+class _LoopResult:
+    kept: np.ndarray  # bool per tile: features written
+    bad: list[int]  # tile indices whose pixels could not be decoded
+    stain_unchanged: int
+    seconds: float
+
+
+def _embed_patches(dataset: PatchDataset, runner: FeatureRunner, writer: _RowWriter, *, slide: Path,
+                   batch_size: int, workers: int, max_bad_patch_fraction: float,
+                   progress: bool) -> _LoopResult:
+    """Read, embed and append every patch of ``dataset`` to ``writer``, in tile order."""
+    coords = dataset.coords
+    result = _LoopResult(np.zeros(len(coords), dtype=bool), [], 0, 0.0)
+    max_bad = math.floor(max_bad_patch_fraction * len(coords))
+    out_dtype = writer.array.dtype
+
+    def collect(feats: torch.Tensor, indices: np.ndarray) -> None:
+        finite = torch.isfinite(feats).all(dim=1)
+        if not bool(finite.all()):
+            x, y = coords[int(indices[int((~finite).nonzero()[0, 0])])]
+            raise InputError(slide, f"non-finite features for the patch at x={x}, y={y}")
+        writer.append(feats.cpu().numpy().astype(out_dtype))
+        result.kept[indices] = True
+
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=len(coords), unit="patch", desc=slide.name, file=sys.stderr, disable=not progress,
+               mininterval=0.5 if interactive else 30, dynamic_ncols=interactive)
+    loader = make_loader(dataset, batch_size, workers, pin_memory=runner.device.type == "cuda")
+    pending: tuple[torch.Tensor, np.ndarray] | None = None
+    start = time.perf_counter()
+    with bar, single_threaded_opencv():
+        for images, indices, status in loader:
+            status_np, indices_np = status.numpy(), indices.numpy()
+            good = status_np != BAD
+            result.stain_unchanged += int((status_np == STAIN_SKIPPED).sum())
+            if not good.all():
+                result.bad.extend(int(i) for i in indices_np[~good])
+                if len(result.bad) > max_bad:
+                    x, y = coords[result.bad[0]]
+                    raise InputError(slide, f"more than {max_bad_patch_fraction:.2%} of {len(coords)} "
+                                            f"patches cannot be decoded; first at x={x}, y={y}")
+                images = images[torch.from_numpy(good)]
+            if len(images):
+                # queue this batch before collecting the previous one, so that a GPU never idles
+                launched = (runner(images), indices_np[good])
+                if pending is not None:
+                    collect(*pending)
+                pending = launched
+            bar.update(len(status_np))
+        if pending is not None:
+            collect(*pending)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
+                  encoder: str | Encoder = DEFAULT_ENCODER, weights: str | Path | None = None,
+                  allow_random_weights: bool = False, batch_size: int = 64, device: str = "auto",
+                  dtype: str = "float16", workers: int = 1, threads: int | None = None,
+                  max_bad_patch_fraction: float = 0.01, stain_norm: str | None = None,
+                  stain_reference: str | Path | None = None, progress: bool = True) -> ExtractResult:
+    """Embed every patch listed in ``tiles`` and write the store ``out``; see the module docstring.
+
+    ``encoder`` is a name (built here with ``weights``/``allow_random_weights``) or a built
+    :class:`Encoder`. An existing complete store made the same way from the same tiles is kept.
+    """
+    slide, tiles, out = Path(slide), Path(tiles), Path(out)
+    if batch_size < 1:
+        raise InputError("--batch-size", f"must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise InputError("--workers", f"must be 0 or more, got {workers}")
+    if dtype not in {"float16", "float32"}:
+        raise InputError("--dtype", f"unknown feature dtype {dtype!r}: use float16 or float32")
+    if not 0 <= max_bad_patch_fraction <= 1:
+        raise InputError("--max-bad-patch-fraction", f"must be within [0, 1], got {max_bad_patch_fraction}")
+    if (stain_norm is None) != (stain_reference is None):
+        raise InputError("--stain-norm", "--stain-norm and --stain-reference go together")
+    torch_device = resolve_device(device)
+    if threads is not None and threads < 1:
+        raise InputError("--threads", f"must be at least 1, got {threads}")
+
+    frame, meta = _load_tiles(tiles)
+    failed = meta.get("failed")
+    coords = frame[["x", "y"]].to_numpy(dtype=np.int64) if not failed else np.zeros((0, 2), np.int64)
+    if not failed and not slide.is_file():
+        raise InputError(slide, "slide file not found")
+    workers = reader_processes(len(coords), batch_size, workers)
+    torch.set_num_threads(threads or usable_cores())
+
+    enc = encoder if isinstance(encoder, Encoder) else build_encoder(encoder, weights, allow_random_weights)
+    stain = StainNormaliser(stain_norm, stain_reference) if stain_norm else None
+    attrs: dict[str, Any] = {
+        **enc.describe(), "dtype": dtype,
+        "slide": slide.name, "slide_bytes": slide.stat().st_size if slide.is_file() else None,
+        "tiles": tiles.name, "n_tiles": len(coords), "tiles_sha256": tiles_fingerprint(coords),
+        **{k: meta.get(k) for k in ("target_mpp", "patch_size", "mpp", "mpp_source", "level",
+                                    "downsample", "patch_size_level0")},
+        "stain_norm": stain.describe() if stain else None,
+        "versions": _versions(),
+    }
+    if failed:
+        attrs["failed"] = str(failed)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    if _reusable(out, attrs):
+        n_done = int(zarr.open_group(str(out), mode="r").attrs["n_patches"])
+        log.info("%s is complete for these tiles and weights: skipping (delete it to recompute)", out)
+        return ExtractResult(out, n_done, len(coords), skipped=True)
+
+    if len(coords):
+        try:
+            handle = openslide.OpenSlide(str(slide))
+        except (openslide.OpenSlideError, OSError) as err:
+            raise InputError(slide, f"cannot open slide ({err})") from err
+        with handle:
+            attrs["read_size"] = _check_meta(tiles, slide, meta, handle)
+
+    started = time.perf_counter()
+    with atomic_output(out) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        rows = max(1, min(len(coords), CHUNK_ROWS))
+        features = group.create_array("features", shape=(len(coords), enc.feature_dim),
+                                      chunks=(rows, enc.feature_dim), dtype=np.dtype(dtype))
+        loop = _LoopResult(np.zeros(len(coords), dtype=bool), [], 0, 0.0)
+        if len(coords):
+            dataset = PatchDataset(slide, coords, int(meta["level"]), attrs["read_size"], enc.input_size,
+                                   enc.interpolation, stain)
+            writer = _RowWriter(features, rows)
+            loop = _embed_patches(dataset, FeatureRunner(enc, torch_device), writer, slide=slide,
+                                  batch_size=batch_size, workers=workers,
+                                  max_bad_patch_fraction=max_bad_patch_fraction, progress=progress)
+            n_written = writer.close()
+            if n_written != int(loop.kept.sum()):
+                raise RuntimeError(f"{slide}: {n_written} feature rows for {int(loop.kept.sum())} patches")
+            features.resize((n_written, enc.feature_dim))
+        kept_coords = coords[loop.kept]
+        group.create_array("coords", data=kept_coords, chunks=(max(1, min(len(kept_coords), CHUNK_ROWS)), 2))
+        if loop.bad:
+            log.warning("%s: %d of %d patches could not be decoded and are left out (first at x=%d, y=%d)",
+                        slide.name, len(loop.bad), len(coords), *coords[loop.bad[0]])
+        if loop.stain_unchanged:
+            log.warning("%s: stain normalisation left %d patches unchanged (no stain found)",
+                        slide.name, loop.stain_unchanged)
+        attrs.update({
+            "stain_norm_unchanged_patches": loop.stain_unchanged if stain else None,
+            "n_patches": len(kept_coords),
+            "bad_patches": {"count": len(loop.bad), "locations": coords[loop.bad].tolist()},
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        })
+        group.attrs.update(attrs)
+        group.attrs["complete"] = True  # the very last write: readers trust nothing without it
+    rate = len(coords) / loop.seconds if loop.seconds else float("nan")
+    log.info("%s: %d patches -> %s (%d bad) in %.1f s (%.1f patches/s in the loop)",
+             slide.name, len(kept_coords), out, len(loop.bad), time.perf_counter() - started, rate)
+    return ExtractResult(out, len(kept_coords), len(coords), [tuple(map(int, coords[i])) for i in loop.bad],
+                         loop_seconds=loop.seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``healnet extract`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="healnet extract",
+        description="Patch embeddings of one slide (patches listed in a tiles file) into a Zarr store.")
+    parser.add_argument("slide", type=Path, help="whole-slide image (.svs, or any format OpenSlide reads)")
+    parser.add_argument("tiles", type=Path, help="tiles Parquet file written by `healnet tile`")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output store, e.g. features/X.zarr")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
+                        help="efficientnet_lite0 (default), resnet50_trunc, or any timm model name")
+    parser.add_argument("--weights", type=Path, help="local weights file (.pth/.pt/.bin/.safetensors)")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="use random weights when none can be loaded (recorded as 'random')")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                        help="stored feature precision")
+    parser.add_argument("--workers", type=int, default=1, help="slide-reading worker processes (0: none)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the model (default: all usable cores)")
+    parser.add_argument("--max-bad-patch-fraction", type=float, default=0.01,
+                        help="fail when more than this fraction of patches cannot be decoded")
+    parser.add_argument("--stain-norm", choices=STAIN_METHODS, help="stain normalisation before the encoder")
+    parser.add_argument("--stain-reference", type=Path, help="reference image (PNG/JPEG) for --stain-norm")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``healnet extract``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    extract_slide(args.slide, args.tiles, args.out, encoder=args.encoder, weights=args.weights,
+                  allow_random_weights=args.allow_random_weights, batch_size=args.batch_size,
+                  device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
+                  max_bad_patch_fraction=args.max_bad_patch_fraction, stain_norm=args.stain_norm,
+                  stain_reference=args.stain_reference, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

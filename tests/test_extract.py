@@ -1,0 +1,286 @@
+"""`healnet extract`: the Zarr store a training step reads, written completely or not at all."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import dask.array as da
+import numpy as np
+import openslide
+import pandas as pd
+import pytest
+import skimage.data
+import tifffile
+import torch
+import zarr
+from torch import nn
+
+from healnet.cli import main as healnet_main
+from preprocessing.encoders import Encoder, Normalise, build_encoder, resize_patch, rgba_to_rgb, sha256_file
+from preprocessing.errors import InputError
+from preprocessing.extract import batch_indices, cli, extract_slide, is_complete, read_store
+from preprocessing.svs_writer import write_svs_from_array
+from preprocessing.tiles_io import read_tiles, write_tiles
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH, HEIGHT, PATCH = 2048, 1024, 256  # 8 x 4 patches, each exactly one JPEG tile of the SVS
+META = {"slide": "slide.svs", "level": 0, "downsample": 1.0, "patch_size_level0": PATCH, "patch_size": PATCH,
+        "target_mpp": 0.5, "mpp": 0.5, "mpp_source": "aperio"}
+
+
+def _grid() -> pd.DataFrame:
+    ys, xs = np.mgrid[0:HEIGHT:PATCH, 0:WIDTH:PATCH]
+    return pd.DataFrame({"x": xs.ravel(), "y": ys.ravel(), "tissue_fraction": 1.0})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """A small H&E-like slide (every patch different), its tiles, and a reference store."""
+    root = tmp_path_factory.mktemp("extract")
+    image = cv2.resize(skimage.data.immunohistochemistry(), (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
+    slide = write_svs_from_array(root / "slide.svs", image, mpp=0.5, app_mag=20)
+    tiles = write_tiles(root / "slide.parquet", _grid(), META)
+    store = root / "reference.zarr"
+    extract_slide(slide, tiles, store, batch_size=5, workers=1, progress=False)
+    return {"root": root, "slide": slide, "tiles": tiles, "store": store}
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    return build_encoder("efficientnet_lite0")
+
+
+def test_store_holds_features_coords_and_provenance(data):
+    group = zarr.open_group(str(data["store"]), mode="r")
+    features, coords = group["features"], group["coords"]
+    assert features.shape == (32, 1280) and features.dtype == np.float16
+    assert features.chunks == (32, 1280)
+    assert coords.dtype == np.int64
+    assert np.array_equal(coords[:], _grid()[["x", "y"]].to_numpy())
+    attrs = dict(group.attrs)
+    assert attrs["complete"] is True and attrs["n_patches"] == attrs["n_tiles"] == 32
+    assert attrs["encoder"] == "efficientnet_lite0" and attrs["feature_dim"] == 1280
+    assert attrs["weights"].startswith("package:") and len(attrs["weights_sha256"]) == 64
+    assert {k: attrs[k] for k in META if k != "slide"} == {k: v for k, v in META.items() if k != "slide"}
+    assert attrs["slide"] == "slide.svs" and attrs["slide_bytes"] == data["slide"].stat().st_size
+    assert set(attrs["versions"]) >= {"torch", "timm", "zarr", "openslide"}
+    assert attrs["bad_patches"] == {"count": 0, "locations": []}
+    assert attrs["stain_norm"] is None and attrs["dtype"] == "float16" and attrs["created"]
+    # the same numbers through every reader the training step might use
+    loaded, loaded_coords, loaded_attrs = read_store(data["store"])
+    assert np.array_equal(loaded, features[:]) and np.array_equal(loaded_coords, coords[:])
+    assert loaded_attrs == attrs
+    assert np.array_equal(da.from_zarr(str(data["store"]), component="features").compute(), loaded)
+    assert np.isfinite(loaded).all() and loaded.std() > 0
+    assert not list(data["root"].glob(".reference.zarr.tmp-*"))
+
+
+def test_each_row_is_the_embedding_of_its_own_patch(data, encoder):
+    features, coords, _ = read_store(data["store"])
+    with openslide.OpenSlide(str(data["slide"])) as slide:
+        patches = [rgba_to_rgb(np.asarray(slide.read_region((int(x), int(y)), 0, (PATCH, PATCH))))
+                   for x, y in coords[[0, 13, 31]]]
+    batch = torch.from_numpy(np.stack([resize_patch(p, encoder.input_size, encoder.interpolation)
+                                       for p in patches]))
+    with torch.inference_mode():
+        expected = encoder.model(Normalise(encoder.mean, encoder.std)(batch)).numpy()
+    np.testing.assert_allclose(features[[0, 13, 31]].astype(np.float32), expected, rtol=2e-2, atol=2e-2)
+    assert not np.allclose(features[0], features[13], atol=0.05)
+
+
+def test_features_do_not_depend_on_batch_size_workers_or_run(data, encoder, tmp_path):
+    out = tmp_path / "other.zarr"
+    extract_slide(data["slide"], data["tiles"], out, encoder=encoder, batch_size=32, workers=0,
+                  dtype="float32", progress=False)
+    again, _, attrs = read_store(out)
+    reference, _, _ = read_store(data["store"])
+    assert again.dtype == np.float32 and attrs["dtype"] == "float32"
+    np.testing.assert_allclose(again, reference.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_complete_store_is_reused_and_other_tiles_are_recomputed(data, encoder, tmp_path):
+    again = extract_slide(data["slide"], data["tiles"], data["store"], encoder=encoder, progress=False)
+    assert again.skipped and again.n_patches == 32
+    fewer = write_tiles(tmp_path / "fewer.parquet", _grid().iloc[:20], META)
+    out = tmp_path / "fewer.zarr"
+    result = extract_slide(data["slide"], fewer, out, encoder=encoder, workers=0, progress=False)
+    assert not result.skipped and result.n_patches == 20
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(out, copy)
+    recomputed = extract_slide(data["slide"], data["tiles"], copy, encoder=encoder, workers=0, progress=False)
+    assert not recomputed.skipped and read_store(copy)[0].shape == (32, 1280)
+
+
+def test_incomplete_store_is_not_trusted(data, tmp_path):
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(data["store"], broken)
+    zarr.open_group(str(broken), mode="r+").attrs["complete"] = False
+    assert is_complete(data["store"]) and not is_complete(broken)
+    assert not is_complete(tmp_path / "absent.zarr")
+    with pytest.raises(InputError, match="not a complete feature store"):
+        read_store(broken)
+
+
+def test_zero_tiles_give_an_empty_valid_store(data, encoder, tmp_path):
+    tiles = write_tiles(tmp_path / "none.parquet", _grid().iloc[:0], META)
+    out = tmp_path / "none.zarr"
+    extract_slide(data["slide"], tiles, out, encoder=encoder, progress=False)
+    features, coords, attrs = read_store(out)
+    assert features.shape == (0, 1280) and coords.shape == (0, 2)
+    assert attrs["n_patches"] == 0 and "failed" not in attrs
+    assert da.from_zarr(str(out), component="features").shape == (0, 1280)
+
+
+def test_failed_tiling_gives_an_empty_store_that_says_why(encoder, tmp_path):
+    meta = {"slide": "gone", "failed": "corrupt or unreadable slide: Not a TIFF file", "level": None,
+            "downsample": None, "patch_size_level0": None, "patch_size": 256, "target_mpp": 0.5,
+            "mpp": None, "mpp_source": None}
+    tiles = write_tiles(tmp_path / "gone.parquet", _grid().iloc[:0], meta)
+    out = tmp_path / "gone.zarr"
+    extract_slide(tmp_path / "gone.svs", tiles, out, encoder=encoder, progress=False)
+    features, _, attrs = read_store(out)
+    assert features.shape == (0, 1280)
+    assert attrs["failed"] == meta["failed"] and attrs["slide_bytes"] is None
+
+
+def _corrupt_tile(src: Path, dest: Path, index: int) -> Path:
+    """Copy of ``src`` with the JPEG data of level-0 tile ``index`` overwritten."""
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        offset, size = tif.pages[0].dataoffsets[index], tif.pages[0].databytecounts[index]
+    data[offset:offset + size] = bytes(size)
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+def test_corrupt_tile_is_left_out_and_recorded(data, encoder, tmp_path, caplog):
+    slide = _corrupt_tile(data["slide"], tmp_path / "slide.svs", index=10)  # row 1, column 2
+    row = write_tiles(tmp_path / "row.parquet", _grid().iloc[8:16], META)  # the 8 patches of row 1
+    out = tmp_path / "corrupt.zarr"
+    with caplog.at_level(logging.WARNING, logger="preprocessing.extract"):
+        result = extract_slide(slide, row, out, encoder=encoder, batch_size=3, max_bad_patch_fraction=0.2,
+                               progress=False)
+    features, coords, attrs = read_store(out)
+    assert result.bad == [(512, 256)]
+    assert attrs["bad_patches"] == {"count": 1, "locations": [[512, 256]]}
+    assert features.shape == (7, 1280) and [512, 256] not in coords.tolist()
+    assert "slide.svs: 1 of 8 patches could not be decoded" in caplog.text
+    # every other patch was read (the slide handle recovers) and matches the intact slide
+    reference, ref_coords, _ = read_store(data["store"])
+    same = np.isin(ref_coords[:, 0] + 10**6 * ref_coords[:, 1], coords[:, 0] + 10**6 * coords[:, 1])
+    np.testing.assert_allclose(features, reference[same], atol=1e-3)
+
+
+def test_too_many_corrupt_tiles_fail_naming_the_slide(data, encoder, tmp_path):
+    slide = _corrupt_tile(data["slide"], tmp_path / "slide.svs", index=3)
+    out = tmp_path / "bad.zarr"
+    with pytest.raises(InputError, match=r"slide.svs: more than 1.00% of 32 patches cannot be decoded; "
+                                         r"first at x=768, y=0"):
+        extract_slide(slide, data["tiles"], out, encoder=encoder, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".bad.zarr*"))
+
+
+class _NaNModel(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 4)
+        out[-1, 0] = float("nan")
+        return out
+
+
+def test_non_finite_features_fail_naming_the_slide(data, tmp_path):
+    broken = Encoder("nan", _NaNModel(), 4, (32, 32), (0.5,) * 3, (0.5,) * 3, "bilinear", "random", None)
+    out = tmp_path / "nan.zarr"
+    with pytest.raises(InputError, match=r"slide.svs: non-finite features for the patch at x=1792, y=0"):
+        extract_slide(data["slide"], data["tiles"], out, encoder=broken, batch_size=32, progress=False)
+    assert not out.exists()
+
+
+def test_tiles_of_another_slide_are_refused(data, encoder, tmp_path):
+    tiles = write_tiles(tmp_path / "other.parquet", _grid(), {**META, "slide": "TCGA-XX-0000-01Z"})
+    with pytest.raises(InputError, match=r"other.parquet: tiles were made from slide 'TCGA-XX-0000-01Z'"):
+        extract_slide(data["slide"], tiles, tmp_path / "o.zarr", encoder=encoder, progress=False)
+
+
+def test_cli_reports_a_missing_tiles_file_in_one_line(data, tmp_path, capsys):
+    missing = tmp_path / "missing.parquet"
+    status = healnet_main(["extract", str(data["slide"]), str(missing), "-o", str(tmp_path / "m.zarr")])
+    assert status == 1
+    assert capsys.readouterr().err.strip() == f"healnet extract: error: {missing}: tiles file not found"
+
+
+def test_killed_run_leaves_nothing_complete_and_a_rerun_finishes(data, tmp_path):
+    out = tmp_path / "killed.zarr"
+    args = [str(data["slide"]), str(data["tiles"]), "-o", str(out), "--workers", "1", "--no-progress"]
+    command = [sys.executable, "-m", "healnet.cli", "extract", *args, "--batch-size", "1", "--threads", "2"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".killed.zarr.tmp-*")):
+            assert proc.poll() is None, "healnet extract ended before it could be killed"
+            assert time.monotonic() < deadline, "no temporary store appeared"
+            time.sleep(0.01)
+        time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and not is_complete(out)
+    assert list(tmp_path.glob(".killed.zarr.tmp-*"))  # the half-written store is hidden, never OUT
+
+    assert cli(args) == 0
+    assert not list(tmp_path.glob(".killed.zarr.tmp-*"))  # the rerun cleared the leftovers
+    features, coords, attrs = read_store(out)
+    reference, ref_coords, ref_attrs = read_store(data["store"])
+    np.testing.assert_allclose(features, reference, atol=1e-3)
+    assert np.array_equal(coords, ref_coords) and attrs["weights_sha256"] == ref_attrs["weights_sha256"]
+
+
+def test_stain_normalisation_is_applied_and_recorded(data, encoder, tmp_path):
+    reference = tmp_path / "reference.png"
+    cv2.imwrite(str(reference), cv2.cvtColor(skimage.data.immunohistochemistry()[::-1, :, ::-1],
+                                             cv2.COLOR_RGB2BGR))
+    few = write_tiles(tmp_path / "few.parquet", _grid().iloc[:4], META)
+    out = tmp_path / "stain.zarr"
+    extract_slide(data["slide"], few, out, encoder=encoder, workers=0, stain_norm="reinhard",
+                  stain_reference=reference, progress=False)
+    features, _, attrs = read_store(out)
+    assert attrs["stain_norm"] == {"method": "reinhard", "reference": "reference.png",
+                                   "reference_sha256": sha256_file(reference)}
+    plain = read_store(data["store"])[0][:4]
+    assert features.shape == plain.shape and not np.allclose(features, plain, atol=0.05)
+    with pytest.raises(InputError, match=r"absent.png: stain reference image missing or unreadable"):
+        extract_slide(data["slide"], few, tmp_path / "s2.zarr", encoder=encoder, stain_norm="macenko",
+                      stain_reference=tmp_path / "absent.png", progress=False)
+
+
+def test_tiles_meta_is_read_back_as_written(data):
+    frame, meta = read_tiles(data["tiles"])
+    assert meta == META and len(frame) == 32
+
+
+def test_batches_cover_every_tile_once_in_order_with_a_short_first_one():
+    batches = batch_indices(150, 64)
+    assert [len(b) for b in batches] == [8, 64, 64, 14]
+    assert sum(batches, []) == list(range(150))
+    assert batch_indices(0, 64) == [] and batch_indices(3, 2) == [[0, 1], [2]]
+
+
+def test_real_aperio_slide(shared_data, encoder, tmp_path):
+    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    tiles = write_tiles(tmp_path / "cmu.parquet",
+                        pd.DataFrame({"x": [514, 771, 514, 771], "y": [1285, 1285, 1542, 1542],
+                                      "tissue_fraction": 1.0}),
+                        {**META, "slide": "CMU-1-Small-Region", "patch_size_level0": 257, "mpp": 0.499})
+    out = tmp_path / "cmu.zarr"
+    extract_slide(slide, tiles, out, encoder=encoder, workers=0, progress=False)
+    features, coords, attrs = read_store(out)
+    assert features.shape == (4, 1280) and np.isfinite(features).all()
+    assert attrs["slide"] == slide.name and attrs["slide_bytes"] == slide.stat().st_size
+    assert attrs["read_size"] == 257 and attrs["mpp"] == 0.499
