@@ -1,0 +1,217 @@
+"""Training throughput: patients/s of one epoch, share of step time spent waiting for data, peak memory.
+
+Two cohorts:
+
+- the demo cohort, when ``omics/DEMO`` and ``features/DEMO/{encoder}`` exist (else skipped, said so);
+- a synthetic cohort (default 400 patients x 4096 patches x 1280 float16 features, about 4 GB), written
+  once into ``benchmarks/out/train_synthetic/`` as Zarr stores in the layout ``healnet extract``
+  writes, plus an omics folder (random omics, survival times).
+
+The epoch runs through the real harness (:func:`healnet.train.train_model`: DataLoader worker(s)
+reading bags lazily, at most ``max_patches_train`` patches per bag). "Data wait" is the time the
+training loop blocks on ``next(loader)`` divided by the epoch time; the target is below 0.2.
+
+    .venv/bin/python benchmarks/train_throughput.py [--model healnet] [--patients 400] [--patches 4096]
+        [--dim 1280] [--threads 2] [--workers 1] [--batch-size 8] [--device auto] [--skip-demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from healnet.baselines import build_model, model_spec
+from healnet.config import load_config
+from healnet.data import BagBatchSampler, BagDataset, make_loader
+from healnet.train import fit_omics, prepare_cohort, resolve_device, train_model
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out" / "train_synthetic"
+
+
+def write_synthetic(root: Path, patients: int, patches: int, dim: int, seed: int = 0) -> tuple[Path, Path]:
+    """Write (once) an omics folder and one feature store per patient; returns (omics_dir, features_dir)."""
+    tag = f"{patients}x{patches}x{dim}"
+    omics_dir, features_dir = root / tag / "omics", root / tag / "features"
+    done = root / tag / "COMPLETE"
+    if done.exists():
+        return omics_dir, features_dir
+    shutil.rmtree(root / tag, ignore_errors=True)
+    features_dir.mkdir(parents=True)
+    omics_dir.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    names = [f"TCGA-SY-{i:04d}" for i in range(patients)]
+    started = time.perf_counter()
+    grid = int(np.ceil(np.sqrt(patches)))
+    coords = np.stack(np.divmod(np.arange(patches), grid), axis=1).astype(np.int64) * 256
+    for i, name in enumerate(names):
+        group = zarr.open_group(str(features_dir / f"{name}-01Z-00-DX1.zarr"), mode="w", zarr_format=3)
+        feats = group.create_array("features", shape=(patches, dim), chunks=(1024, dim), dtype="float16")
+        feats[:] = rng.standard_normal((patches, dim), dtype=np.float32).astype(np.float16)
+        group.create_array("coords", data=coords, chunks=(patches, 2))
+        group.attrs.update({"encoder": "synthetic", "n_patches": patches, "complete": True})
+        if i % 50 == 0:
+            print(f"  wrote {i + 1}/{patients} stores ({time.perf_counter() - started:.0f} s)", flush=True)
+    time_ = rng.exponential(30, patients)
+    pd.DataFrame(
+        {
+            "patient": names,
+            "time": time_,
+            "event": (rng.random(patients) < 0.5).astype(int),
+            "slides": [[f"{n}-01Z-00-DX1"] for n in names],
+            "has_wsi": True,
+            "has_omics": True,
+        }
+    ).to_parquet(omics_dir / "manifest.parquet")
+    cols = [f"rna:G{j}" for j in range(200)] + [f"cnv:C{j}" for j in range(50)]
+    pd.DataFrame(
+        rng.standard_normal((patients, len(cols))).astype(np.float32),
+        columns=cols,
+        index=pd.Index(names, name="patient"),
+    ).to_parquet(omics_dir / "features.parquet")
+    pd.DataFrame({"fold": 0, "patient": names, "role": "train"}).to_parquet(omics_dir / "splits.parquet")
+    done.write_text(f"{time.perf_counter() - started:.0f} s\n")
+    return omics_dir, features_dir
+
+
+def data_rate(dataset: BagDataset, rows: np.ndarray, batch_size: int, workers: int) -> float:
+    """Patients/s the DataLoader alone delivers (no model): the ceiling for a fast GPU."""
+    sampler = BagBatchSampler(rows, batch_size, shuffle=True, seed=0, sample=True)
+    start, seen = time.perf_counter(), 0
+    for batch in make_loader(dataset, sampler, workers):
+        seen += len(batch["row"])
+    return seen / (time.perf_counter() - start)
+
+
+def one_epoch(
+    omics_dir: Path,
+    features_dir: Path,
+    config: dict[str, Any],
+    model_name: str,
+    device: torch.device,
+    workers: int,
+) -> dict[str, Any]:
+    """Fit omics and time bins on all patients, then time one training epoch of ``model_name``."""
+    from preprocessing.omics.labels import TimeBins
+
+    cohort = prepare_cohort(model_name, omics_dir, features_dir)
+    manifest, training = cohort.tables.manifest, config["training"]
+    times, events = manifest["time"].to_numpy(float), manifest["event"].to_numpy(int)
+    bins = TimeBins(config["omics"]["n_bins"]).fit(times, events).transform(times)
+    state = fit_omics(cohort.tables.features, cohort.patients, training)
+    omics, has_omics = state.matrix(cohort.tables.features, cohort.patients)
+    dataset = BagDataset(
+        omics,
+        has_omics,
+        cohort.bags,
+        bins,
+        events,
+        times,
+        max_patches=training["max_patches_train"],
+        read_wsi=cohort.wsi_dim is not None,
+    )
+    spec = model_spec(
+        model_name,
+        n_bins=config["omics"]["n_bins"],
+        wsi_dim=cohort.wsi_dim,
+        n_omics=omics.shape[1],
+        omic_groups=state.groups,
+        healnet_cfg=config["healnet"],
+        training_cfg=training,
+    )
+    torch.manual_seed(0)
+    model = build_model(spec).to(device)
+    rows = np.flatnonzero(dataset.has_wsi | has_omics)
+    loader_rate = data_rate(dataset, rows[:160], training["batch_size"], workers)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    history = train_model(model, dataset, rows, None, {**training, "epochs": 1}, device, 0, workers, None)
+    record = history[0]
+    n_patches = np.array([sum(s.n for s in bag) for bag in cohort.bags if bag])
+    record.update(
+        loader_patients_per_s=loader_rate,
+        patients=len(rows),
+        median_patches=float(np.median(n_patches)) if len(n_patches) else 0,
+        feature_dim=cohort.wsi_dim,
+    )
+    if device.type == "cuda":
+        record["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return record
+
+
+def report(name: str, record: dict[str, Any]) -> None:
+    """Print one result line set."""
+    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(
+        f"[{name}] {record['patients']} patients, median {record['median_patches']:.0f} patches x "
+        f"{record['feature_dim']} features per bag"
+    )
+    print(
+        f"[{name}] one epoch: {record['seconds']:.1f} s, {record['patients_per_s']:.2f} patients/s, "
+        f"data wait fraction {record['data_wait_fraction']:.3f} (target < 0.2)"
+    )
+    print(
+        f"[{name}] DataLoader alone (no model, first 160 bags): "
+        f"{record['loader_patients_per_s']:.1f} patients/s"
+    )
+    line = f"[{name}] peak RSS: main process {self_rss:.2f} GiB, largest worker {child_rss:.2f} GiB"
+    if "cuda_max_allocated_gb" in record:
+        line += f", CUDA max allocated {record['cuda_max_allocated_gb']:.2f} GiB"
+    print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns 0."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "config.yaml")
+    parser.add_argument("--model", default="healnet")
+    parser.add_argument("--patients", type=int, default=400)
+    parser.add_argument("--patches", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="default: training.workers of the config")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: training.batch_size")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    if args.batch_size:
+        config["training"]["batch_size"] = args.batch_size
+    workers = config["training"]["workers"] if args.workers is None else args.workers
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    print(
+        f"model {args.model}, device {device}, {args.threads} torch thread(s), {workers} loader worker(s), "
+        f"batch {config['training']['batch_size']}, max {config['training']['max_patches_train']} patches/bag"
+    )
+    if not args.skip_demo:
+        omics_dir = ROOT / "omics" / "DEMO"
+        features_dir = ROOT / "features" / "DEMO" / config["extract"]["encoder"]
+        if (omics_dir / "manifest.parquet").is_file() and features_dir.is_dir():
+            report("demo", one_epoch(omics_dir, features_dir, config, args.model, device, workers))
+        else:
+            print(f"[demo] skipped: {omics_dir} or {features_dir} does not exist (run the pipeline first)")
+    if not args.skip_synthetic:
+        print(
+            f"[synthetic] {args.patients} patients x {args.patches} patches x {args.dim} features "
+            f"({args.patients * args.patches * args.dim * 2 / 1e9:.1f} GB float16) in {OUT}"
+        )
+        omics_dir, features_dir = write_synthetic(OUT, args.patients, args.patches, args.dim)
+        report("synthetic", one_epoch(omics_dir, features_dir, config, args.model, device, workers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Model inputs: the omics folder of a cohort, WSI feature stores, and per-patient bags for a DataLoader.
+
+A patient's bag is the concatenation of the patch features of its slides (``FEATURES_DIR/{stem}.zarr``,
+arrays ``features`` N x D and ``coords`` N x 2). Bags are read lazily, one patient at a time, in the
+DataLoader's worker processes; during training at most ``max_patches`` patches are drawn per bag
+(without replacement, seeded per epoch and patient), at evaluation every patch is used. Batches pad
+bags to the longest one with a boolean token mask (True = real patch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+
+from preprocessing.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("patient", "time", "event", "slides", "has_wsi", "has_omics")
+SPLIT_COLUMNS = ("fold", "patient", "role")
+
+
+@dataclass
+class OmicsTables:
+    """The three tables of an omics folder (``manifest`` indexed by patient, in file order)."""
+
+    manifest: pd.DataFrame
+    features: pd.DataFrame
+    splits: pd.DataFrame
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(path, "missing (expected from `healnet omics`)")
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - any reader failure is a bad input file
+        raise InputError(path, f"cannot read Parquet: {err}") from err
+
+
+def _slide_list(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    return [str(v) for v in value]
+
+
+def load_omics_dir(omics_dir: str | Path) -> OmicsTables:
+    """Read and check ``manifest.parquet``, ``features.parquet`` and ``splits.parquet``."""
+    omics_dir = Path(omics_dir)
+    if not omics_dir.is_dir():
+        raise InputError(omics_dir, "omics folder does not exist")
+    manifest = _read_parquet(omics_dir / "manifest.parquet")
+    features = _read_parquet(omics_dir / "features.parquet")
+    splits = _read_parquet(omics_dir / "splits.parquet")
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise InputError(omics_dir / "manifest.parquet", f"missing columns {missing}")
+    if manifest["patient"].duplicated().any():
+        dup = manifest.loc[manifest["patient"].duplicated(), "patient"].iloc[0]
+        raise InputError(omics_dir / "manifest.parquet", f"patient {dup} appears more than once")
+    manifest = manifest.assign(
+        patient=manifest["patient"].astype(str),
+        time=pd.to_numeric(manifest["time"], errors="coerce").astype(float),
+        event=pd.to_numeric(manifest["event"], errors="coerce"),
+        slides=manifest["slides"].map(_slide_list),
+        has_wsi=manifest["has_wsi"].astype(bool),
+        has_omics=manifest["has_omics"].astype(bool),
+    ).set_index("patient", drop=False)
+    bad = manifest["time"].isna() | (manifest["time"] < 0) | ~manifest["event"].isin([0, 1])
+    if bad.any():
+        raise InputError(
+            omics_dir / "manifest.parquet",
+            f"patient {manifest.index[bad][0]}: time must be >= 0 and event 0 or 1",
+        )
+    manifest["event"] = manifest["event"].astype(int)
+    if "patient" in features.columns:
+        features = features.set_index("patient")
+    features.index = features.index.astype(str)
+    features.index.name = "patient"
+    non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if non_numeric:
+        raise InputError(omics_dir / "features.parquet", f"non-numeric columns {non_numeric[:5]}")
+    missing = [c for c in SPLIT_COLUMNS if c not in splits.columns]
+    if missing:
+        raise InputError(omics_dir / "splits.parquet", f"missing columns {missing}")
+    splits = splits.assign(patient=splits["patient"].astype(str), role=splits["role"].astype(str))
+    if not set(splits["role"]) <= {"train", "val"}:
+        raise InputError(
+            omics_dir / "splits.parquet", f"role must be train or val, got {sorted(set(splits['role']))}"
+        )
+    return OmicsTables(manifest, features.astype(np.float32), splits)
+
+
+@dataclass(frozen=True)
+class SlideStore:
+    """One slide's feature store: path, number of patches, feature dim."""
+
+    path: Path
+    n: int
+    dim: int
+
+
+def open_store(path: Path) -> SlideStore:
+    """Open a store's metadata; InputError if it is unreadable, unfinished or malformed."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        feats, coords = group["features"], group["coords"]
+    except Exception as err:  # noqa: BLE001 - any failure to open means a bad store
+        raise InputError(path, f"not a readable feature store: {err}") from err
+    if group.attrs.get("complete") is not True:
+        raise InputError(path, "feature store is not marked complete (interrupted extraction?)")
+    if feats.ndim != 2 or coords.ndim != 2 or coords.shape != (feats.shape[0], 2):
+        raise InputError(
+            path, f"expected features N x D and coords N x 2, got {feats.shape} and {coords.shape}"
+        )
+    return SlideStore(Path(path), int(feats.shape[0]), int(feats.shape[1]))
+
+
+def index_stores(
+    features_dir: str | Path | None, manifest: pd.DataFrame
+) -> tuple[dict[str, list[SlideStore]], int | None]:
+    """Per patient, the non-empty feature stores of its slides; and the common feature dim (None: none).
+
+    A slide listed in the manifest without a store is logged and skipped; stores with N = 0 contribute
+    nothing. Different feature dims across stores are an InputError.
+    """
+    bags: dict[str, list[SlideStore]] = {}
+    dims: dict[int, Path] = {}
+    folder = Path(features_dir) if features_dir else None
+    n_missing = 0
+    for patient, slides in manifest["slides"].items():
+        stores = []
+        for stem in slides:
+            path = folder / f"{stem}.zarr" if folder else None
+            if path is None or not path.exists():
+                n_missing += 1
+                continue
+            store = open_store(path)
+            dims.setdefault(store.dim, store.path)
+            if store.n > 0:
+                stores.append(store)
+        if stores:
+            bags[str(patient)] = stores
+    if n_missing:
+        log.warning("%d slide(s) listed in the manifest have no feature store in %s", n_missing, folder)
+    if len(dims) > 1:
+        a, b = list(dims.items())[:2]
+        raise InputError(b[1], f"feature dim {b[0]} differs from {a[0]} in {a[1]}")
+    return bags, (next(iter(dims)) if dims else None)
+
+
+class BagDataset(Dataset):
+    """Per-patient model inputs; items are fetched with keys ``(row, seed)``.
+
+    ``seed >= 0`` draws at most ``max_patches`` patches with that seed; ``seed < 0`` returns every
+    patch. Rows index the arrays given here (one row per patient).
+    """
+
+    def __init__(
+        self,
+        omics: np.ndarray,
+        has_omics: np.ndarray,
+        bags: Sequence[Sequence[SlideStore]],
+        bins: np.ndarray,
+        events: np.ndarray,
+        times: np.ndarray,
+        max_patches: int | None = None,
+        read_wsi: bool = True,
+    ) -> None:
+        self.omics = np.ascontiguousarray(omics, dtype=np.float32)
+        self.has_omics = np.asarray(has_omics, dtype=bool)
+        self.bags = [list(b) for b in bags]
+        self.has_wsi = np.array([len(b) > 0 for b in self.bags], dtype=bool)
+        self.bins = np.asarray(bins, dtype=np.int64)
+        self.events = np.asarray(events, dtype=np.float32)
+        self.times = np.asarray(times, dtype=np.float32)
+        self.max_patches = max_patches
+        self.read_wsi = read_wsi
+        self._arrays: dict[Path, tuple[Any, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def _arrays_of(self, store: SlideStore) -> tuple[Any, Any]:
+        if store.path not in self._arrays:
+            group = zarr.open_group(str(store.path), mode="r")
+            self._arrays[store.path] = (group["features"], group["coords"])
+        return self._arrays[store.path]
+
+    def read_bag(self, row: int, seed: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """(features ``[n, D]`` in stored precision, coords ``[n, 2]`` float32) of one patient."""
+        stores = self.bags[row]
+        total = sum(s.n for s in stores)
+        pick = None
+        if seed >= 0 and self.max_patches is not None and total > self.max_patches:
+            pick = np.sort(np.random.default_rng(seed).choice(total, self.max_patches, replace=False))
+        feats, coords = [], []
+        offset = 0
+        for store in stores:
+            f_arr, c_arr = self._arrays_of(store)
+            if pick is None:
+                feats.append(np.asarray(f_arr[:]))
+                coords.append(np.asarray(c_arr[:], dtype=np.float32))
+            else:
+                local = pick[(pick >= offset) & (pick < offset + store.n)] - offset
+                if len(local):
+                    feats.append(np.asarray(f_arr.oindex[local, :]))
+                    coords.append(np.asarray(c_arr.oindex[local, :], dtype=np.float32))
+            offset += store.n
+        if len(feats) == 1:
+            return feats[0], coords[0]
+        return np.concatenate(feats), np.concatenate(coords)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        row, seed = key if isinstance(key, tuple) else (key, -1)
+        item: dict[str, Any] = {
+            "row": row,
+            "omics": self.omics[row],
+            "has_omics": self.has_omics[row],
+            "has_wsi": self.has_wsi[row] and self.read_wsi,
+            "bin": self.bins[row],
+            "event": self.events[row],
+            "time": self.times[row],
+            "wsi": None,
+            "coords": None,
+        }
+        if self.read_wsi and self.has_wsi[row]:
+            item["wsi"], item["coords"] = self.read_bag(row, seed)
+        return item
+
+
+class BagBatchSampler:
+    """Batches of ``(row, seed)`` keys: seeded shuffling per epoch and a per-patient sampling seed.
+
+    Keys are made in the main process, so persistent workers need no epoch state and a run is
+    reproducible for a given ``seed`` and epoch. ``sample=False`` (evaluation) asks for all patches.
+    """
+
+    def __init__(self, rows: Sequence[int], batch_size: int, shuffle: bool, seed: int, sample: bool) -> None:
+        self.rows = np.asarray(rows, dtype=int)
+        self.batch_size, self.shuffle, self.seed, self.sample = batch_size, shuffle, seed, sample
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order and patch draws the next iteration yields."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        rows = rng.permutation(self.rows) if self.shuffle else self.rows
+        seeds = rng.integers(0, 2**31 - 1, size=len(rows)) if self.sample else np.full(len(rows), -1)
+        for start in range(0, len(rows), self.batch_size):
+            stop = start + self.batch_size
+            yield [(int(r), int(s)) for r, s in zip(rows[start:stop], seeds[start:stop], strict=True)]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+
+def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of items; bags padded to the longest (``wsi`` None when no item has patches)."""
+    out: dict[str, Any] = {
+        "row": torch.tensor([it["row"] for it in items]),
+        "omics": torch.from_numpy(np.stack([it["omics"] for it in items])),
+        "has_omics": torch.tensor([bool(it["has_omics"]) for it in items]),
+        "has_wsi": torch.tensor([bool(it["has_wsi"]) for it in items]),
+        "bin": torch.tensor([int(it["bin"]) for it in items]),
+        "event": torch.tensor([float(it["event"]) for it in items]),
+        "time": torch.tensor([float(it["time"]) for it in items]),
+        "wsi": None,
+        "wsi_mask": None,
+        "coords": None,
+    }
+    bags = [it["wsi"] for it in items]
+    longest = max((len(b) for b in bags if b is not None), default=0)
+    if longest:
+        dim = next(b.shape[1] for b in bags if b is not None)
+        dtype = next(b.dtype for b in bags if b is not None)
+        wsi = np.zeros((len(items), longest, dim), dtype=dtype)
+        coords = np.zeros((len(items), longest, 2), dtype=np.float32)
+        mask = np.zeros((len(items), longest), dtype=bool)
+        for i, it in enumerate(items):
+            if it["wsi"] is not None:
+                n = len(it["wsi"])
+                wsi[i, :n], coords[i, :n], mask[i, :n] = it["wsi"], it["coords"], True
+        out.update(
+            wsi=torch.from_numpy(wsi), coords=torch.from_numpy(coords), wsi_mask=torch.from_numpy(mask)
+        )
+    return out
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    dataset: BagDataset, sampler: BagBatchSampler, workers: int, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader whose worker processes read and pad bags ahead of the training step.
+
+    No workers are used when the dataset reads no WSI (omic vectors are already in memory).
+    """
+    workers = workers if dataset.read_wsi and dataset.has_wsi.any() else 0
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = {"persistent_workers": True, "prefetch_factor": 4, "worker_init_fn": _worker_init}
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_bags,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        **extra,
+    )

@@ -1,0 +1,126 @@
+"""Per-cohort summary of every trained model: ``healnet evaluate``.
+
+Reads ``RESULTS_DIR/{model}/folds.csv`` and writes one row per model x setting with the mean, standard
+deviation (population, ddof = 0, over folds, NaN folds left out) and per-fold values of each metric,
+as CSV and as a Markdown table (mean ± std), both written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from healnet.metrics import METRICS
+from preprocessing.atomic import atomic_output
+from preprocessing.errors import InputError
+
+SETTING_ORDER = ("full", "omics_only", "wsi_only", "random_half")
+FOLD_COLUMNS = ("model", "fold", "setting", "metric", "value")
+
+
+def read_folds(results_dir: Path, models: list[str] | None) -> pd.DataFrame:
+    """All ``folds.csv`` tables of a cohort (the given models, or every subfolder that has one)."""
+    if not results_dir.is_dir():
+        raise InputError(results_dir, "results folder does not exist")
+    if models is None:
+        models = sorted(p.parent.name for p in results_dir.glob("*/folds.csv"))
+        if not models:
+            raise InputError(results_dir, "no {model}/folds.csv found")
+    frames = []
+    for model in models:
+        path = results_dir / model / "folds.csv"
+        if not path.is_file():
+            raise InputError(path, f"missing: train model {model} first")
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise InputError(path, f"cannot read CSV: {err}") from err
+        missing = [c for c in FOLD_COLUMNS if c not in frame.columns]
+        if missing:
+            raise InputError(path, f"missing columns {missing}")
+        frames.append(frame.assign(model=model))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise(folds: pd.DataFrame) -> pd.DataFrame:
+    """One row per model x setting: ``{metric}_mean``, ``{metric}_std``, ``c_index_folds``, ``n_folds``."""
+    rows = []
+    for (model, setting), group in folds.groupby(["model", "setting"], sort=False):
+        row: dict[str, object] = {"model": model, "setting": setting}
+        for metric in METRICS:
+            values = group.loc[group["metric"] == metric].sort_values("fold")["value"].astype(float)
+            finite = values[np.isfinite(values)]
+            row[f"{metric}_mean"] = float(finite.mean()) if len(finite) else float("nan")
+            row[f"{metric}_std"] = float(finite.std(ddof=0)) if len(finite) else float("nan")
+            if metric == "c_index":
+                row["c_index_folds"] = ";".join(f"{v:.4f}" for v in values)
+        row["n_folds"] = int(group["fold"].nunique())
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = {s: i for i, s in enumerate(SETTING_ORDER)}
+    table["_setting"] = table["setting"].map(lambda s: order.get(s, len(order)))
+    table = table.sort_values(["_setting", "c_index_mean", "model"], ascending=[True, False, True])
+    columns = [
+        "model",
+        "setting",
+        "c_index_mean",
+        "c_index_std",
+        "c_index_folds",
+        "ipcw_c_index_mean",
+        "ipcw_c_index_std",
+        "ibs_mean",
+        "ibs_std",
+        "td_auc_mean",
+        "td_auc_std",
+        "n_folds",
+    ]
+    return table[columns].reset_index(drop=True)
+
+
+def to_markdown(summary: pd.DataFrame, cohort: str) -> str:
+    """A Markdown table, mean ± std per metric, settings in a fixed order, best c-index first."""
+
+    def fmt(mean: float, std: float) -> str:
+        return "n/a" if not np.isfinite(mean) else f"{mean:.3f} ± {std:.3f}"
+
+    lines = [
+        f"# {cohort}: cross-validated survival models",
+        "",
+        "| model | setting | c-index | IPCW c-index | integrated Brier | td AUC | folds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, r in summary.iterrows():
+        lines.append(
+            f"| {r['model']} | {r['setting']} | {fmt(r['c_index_mean'], r['c_index_std'])} | "
+            f"{fmt(r['ipcw_c_index_mean'], r['ipcw_c_index_std'])} | {fmt(r['ibs_mean'], r['ibs_std'])} | "
+            f"{fmt(r['td_auc_mean'], r['td_auc_std'])} | {r['n_folds']} |"
+        )
+    lines += [
+        "",
+        "Mean ± standard deviation over folds (ddof = 0; folds where a metric is undefined are left out). "
+        "Lower is better for the integrated Brier score, higher for the others.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``healnet evaluate``: write summary.csv and summary.md for one cohort."""
+    parser = argparse.ArgumentParser(prog="healnet evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cohort", required=True)
+    parser.add_argument("--results-dir", required=True, type=Path, help="results/{cohort}")
+    parser.add_argument("--models", default=None, help="comma-separated models (default: every trained one)")
+    parser.add_argument(
+        "-o", "--output", required=True, type=Path, help="summary.csv; summary.md goes beside it"
+    )
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m] if args.models else None
+    summary = summarise(read_folds(args.results_dir, models))
+    with atomic_output(args.output) as tmp:
+        summary.to_csv(tmp, index=False)
+    with atomic_output(args.output.with_suffix(".md")) as tmp:
+        tmp.write_text(to_markdown(summary, args.cohort))
+    print(to_markdown(summary, args.cohort))
+    return 0

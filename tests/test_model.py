@@ -1,0 +1,191 @@
+"""HEALNet and the baselines: per-sample missing modalities, padding invariance, attention, options."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from healnet.baselines import MODEL_MODALITIES, build_model, model_spec
+from healnet.model import HEALNet
+
+D, F_RNA, F_CNV = 24, 12, 8
+GROUPS = [("rna", F_RNA), ("cnv", F_CNV)]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded on a shared machine; restore global torch state after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def make_batch(seed: int = 0, batch: int = 4, n: int = 9) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    mask[1, 5:] = False  # a shorter bag, padded
+    return {
+        "wsi": torch.randn(batch, n, D, generator=g),
+        "wsi_mask": mask,
+        "coords": torch.randint(0, 5000, (batch, n, 2), generator=g).float(),
+        "omics": torch.randn(batch, F_RNA + F_CNV, generator=g),
+        "has_wsi": torch.tensor([True, True, False, True]),
+        "has_omics": torch.tensor([True, False, True, True]),
+    }
+
+
+def healnet(**kwargs: object) -> HEALNet:
+    torch.manual_seed(0)
+    return HEALNet(wsi_dim=D, n_omics=F_RNA + F_CNV, omic_groups=GROUPS, **kwargs).eval()
+
+
+def run(model: torch.nn.Module, b: dict[str, torch.Tensor], **kw: object) -> torch.Tensor:
+    return model(
+        b["wsi"], b["wsi_mask"], b["omics"], b["has_wsi"], b["has_omics"], wsi_coords=b["coords"], **kw
+    )
+
+
+@pytest.mark.parametrize("tokens", ["gene", "modality", "chunk", "single"])
+@pytest.mark.parametrize("fourier", [False, True])
+def test_missing_wsi_in_a_mixed_batch_equals_the_sample_alone_without_wsi(tokens: str, fourier: bool) -> None:
+    model = healnet(omic_tokens=tokens, fourier_encode=fourier, omic_chunk_size=6)
+    b = make_batch()
+    with torch.no_grad():
+        mixed = run(model, b)
+        alone = model(None, None, b["omics"][2:3], torch.tensor([False]), torch.tensor([True]))
+        # and the other way round: sample 1 has no omics
+        alone_wsi = model(
+            b["wsi"][1:2, :5],
+            None,
+            None,
+            torch.tensor([True]),
+            torch.tensor([False]),
+            wsi_coords=b["coords"][1:2, :5],
+        )
+    torch.testing.assert_close(mixed[2], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], alone_wsi[0], atol=1e-5, rtol=1e-5)
+    # the WSI really matters for samples that have it
+    with torch.no_grad():
+        no_wsi = model(None, None, b["omics"][0:1], torch.tensor([False]), torch.tensor([True]))
+    assert (mixed[0] - no_wsi[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_MODALITIES))
+def test_padding_tokens_do_not_change_outputs(name: str) -> None:
+    spec = model_spec(
+        name,
+        n_bins=4,
+        wsi_dim=D,
+        n_omics=F_RNA + F_CNV,
+        omic_groups=GROUPS,
+        healnet_cfg={"fourier_encode": True},
+        training_cfg={},
+    )
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    b = make_batch()
+    padded = dict(b)
+    extra = 7
+    padded["wsi"] = torch.cat([b["wsi"], 100 * torch.randn(4, extra, D)], dim=1)
+    padded["coords"] = torch.cat([b["coords"], torch.full((4, extra, 2), 1e6)], dim=1)
+    padded["wsi_mask"] = torch.cat([b["wsi_mask"], torch.zeros(4, extra, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, b), run(model, padded), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_is_returned_per_layer_and_modality_and_respects_masks() -> None:
+    model = healnet(depth=3, cross_heads=2)
+    b = make_batch()
+    with torch.no_grad():
+        logits, attn = run(model, b, return_attention=True)
+    assert logits.shape == (4, 4)
+    assert set(attn) == {"wsi", "omics"} and len(attn["wsi"]) == 3 and len(attn["omics"]) == 3
+    wsi = attn["wsi"][0]
+    assert wsi.shape == (4, 2, 16, 9)
+    assert attn["omics"][0].shape == (4, 2, 16, F_RNA + F_CNV)  # gene tokens: one per feature
+    torch.testing.assert_close(wsi[0].sum(-1), torch.ones(2, 16))  # a distribution over patches
+    assert wsi[1, ..., 5:].abs().max() == 0  # padding gets no attention
+    assert wsi[2].abs().max() == 0  # sample without a slide: no WSI attention
+    assert attn["omics"][0][1].abs().max() == 0  # sample without omics
+
+
+def test_weight_sharing_ties_layers_after_the_first() -> None:
+    free = healnet(depth=3, weight_sharing=False)
+    tied = healnet(depth=3, weight_sharing=True)
+    two = healnet(depth=2, weight_sharing=False)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(tied) == count(two) < count(free)
+    assert tied.layer_map == [0, 1, 1]
+
+
+def test_no_self_attention_and_snn_feedforward_options_run() -> None:
+    model = healnet(self_per_cross_attn=0, snn_feedforward=True)
+    assert not any(isinstance(m, torch.nn.GELU) for m in model.modules())
+    assert any(isinstance(m, torch.nn.AlphaDropout) for m in model.modules())
+    with torch.no_grad():
+        assert torch.isfinite(run(model, make_batch())).all()
+
+
+@pytest.mark.parametrize("tokens", ["gene", "modality", "chunk", "single"])
+def test_l1_penalty_is_the_omic_input_projection_norm(tokens: str) -> None:
+    model = healnet(omic_tokens=tokens, omic_chunk_size=6)
+    penalty = model.l1_penalty()
+    penalty.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all(n.startswith("omic_tokenizer.") for n in with_grad)
+    assert penalty.item() > 0
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_MODALITIES))
+def test_every_model_trains_a_step_with_mixed_missingness(name: str) -> None:
+    spec = model_spec(
+        name, n_bins=4, wsi_dim=D, n_omics=F_RNA + F_CNV, omic_groups=GROUPS, healnet_cfg={}, training_cfg={}
+    )
+    model = build_model(spec).train()
+    b = make_batch()
+    b["wsi_mask"][2] = False  # sample 2 has no patches at all
+    logits = run(model, b)
+    loss = logits.square().mean() + 1e-4 * model.l1_penalty()
+    loss.backward()
+    assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_late_fusion_uses_the_available_branch_when_a_modality_is_missing() -> None:
+    spec = model_spec(
+        "late_fusion",
+        n_bins=4,
+        wsi_dim=D,
+        n_omics=F_RNA + F_CNV,
+        omic_groups=GROUPS,
+        healnet_cfg={},
+        training_cfg={},
+    )
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    b = make_batch()
+    with torch.no_grad():
+        fused = run(model, b)
+        snn = model.snn(None, None, b["omics"], b["has_wsi"], b["has_omics"])
+        abmil = model.abmil(b["wsi"], b["wsi_mask"], None, b["has_wsi"], b["has_omics"])
+    torch.testing.assert_close(fused[2], snn[2])  # no WSI: the omic branch
+    torch.testing.assert_close(fused[1], abmil[1])  # no omics: the WSI branch
+    torch.testing.assert_close(fused[0], (snn[0] + abmil[0]) / 2)  # both: initialised to the average
+
+
+def test_unimodal_specs_drop_the_other_modality() -> None:
+    snn = model_spec("snn", n_bins=4, wsi_dim=D, n_omics=5, omic_groups=None, healnet_cfg={}, training_cfg={})
+    abmil = model_spec(
+        "abmil", n_bins=4, wsi_dim=D, n_omics=5, omic_groups=None, healnet_cfg={}, training_cfg={}
+    )
+    assert (
+        "wsi_dim" not in snn["kwargs"]
+        and abmil["kwargs"]["wsi_dim"] == D
+        and "n_omics" not in abmil["kwargs"]
+    )
+    with pytest.raises(ValueError, match="unknown model"):
+        model_spec("mcat", n_bins=4, wsi_dim=D, n_omics=5, omic_groups=None, healnet_cfg={}, training_cfg={})

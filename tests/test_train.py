@@ -1,0 +1,353 @@
+"""Cross-validated training end to end on a tiny synthetic cohort, evaluation summary, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+import zarr
+
+pytest.importorskip("preprocessing.omics.transforms")
+pytest.importorskip("preprocessing.omics.labels")
+
+from healnet import evaluate, train  # noqa: E402
+from healnet.cli import main as healnet_main  # noqa: E402
+
+N_PATIENTS, N_FOLDS, DIM = 24, 3, 16
+NO_WSI = {"TCGA-AA-0003", "TCGA-AA-0010", "TCGA-AA-0017"}  # no slide, or a slide without patches
+NO_OMICS = {"TCGA-AA-0005", "TCGA-AA-0012"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded on a shared machine; restore global torch state after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def write_store(path: Path, feats: np.ndarray, coords: np.ndarray, complete: bool = True) -> None:
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array(
+        "features", data=feats.astype(np.float16), chunks=(max(1, min(len(feats), 32)), feats.shape[1])
+    )
+    group.create_array("coords", data=coords.astype(np.int64), chunks=(max(1, min(len(coords), 32)), 2))
+    group.attrs.update({"encoder": "synthetic", "n_patches": len(feats)})
+    if complete:
+        group.attrs["complete"] = True
+
+
+def make_cohort(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Omics folder + feature stores; risk z drives survival, some omic genes and some patches."""
+    rng = np.random.default_rng(seed)
+    patients = [f"TCGA-AA-{i:04d}" for i in range(N_PATIENTS)]
+    z = rng.normal(size=N_PATIENTS)
+    death = rng.exponential(30 * np.exp(-z))
+    censor = rng.uniform(10, 80, N_PATIENTS)
+    time_, event = np.minimum(death, censor), (death <= censor).astype(int)
+    features_dir = root / "features"
+    features_dir.mkdir(parents=True)
+    slides = []
+    for i, p in enumerate(patients):
+        stem = f"{p}-01Z-00-DX1.{i:08X}"
+        if p == "TCGA-AA-0003":
+            slides.append([])  # no slide at all
+            continue
+        n = 0 if p == "TCGA-AA-0010" else int(rng.integers(10, 40))
+        feats = rng.normal(size=(n, DIM))
+        hot = rng.random(n) < 0.3
+        feats[hot, :4] += z[i]  # a third of the patches carry the risk signal
+        coords = rng.integers(0, 20, size=(n, 2)) * 256
+        if p != "TCGA-AA-0017":  # listed in the manifest but never extracted: treated as missing
+            write_store(features_dir / f"{stem}.zarr", feats, coords)
+        slides.append([stem])
+    manifest = pd.DataFrame(
+        {
+            "patient": patients,
+            "time": time_,
+            "event": event,
+            "slides": slides,
+            "has_wsi": [len(s) > 0 for s in slides],
+            "has_omics": [p not in NO_OMICS for p in patients],
+        }
+    )
+    rna = rng.normal(size=(N_PATIENTS, 10)) + np.outer(z, np.r_[np.ones(3), np.zeros(7)])
+    cnv = rng.integers(-2, 3, size=(N_PATIENTS, 5)).astype(float)
+    feat = pd.DataFrame(
+        np.c_[rna, cnv].astype(np.float32),
+        index=pd.Index(patients, name="patient"),
+        columns=[f"rna:G{j}" for j in range(10)] + [f"cnv:C{j}" for j in range(5)],
+    )
+    feat.iloc[1, 2] = np.nan  # one missing value, imputed per fold
+    feat = feat.drop(index=sorted(NO_OMICS))
+    folds = np.arange(N_PATIENTS) % N_FOLDS
+    splits = pd.DataFrame(
+        [
+            {"fold": k, "patient": p, "role": "val" if folds[i] == k else "train"}
+            for k in range(N_FOLDS)
+            for i, p in enumerate(patients)
+        ]
+    )
+    omics_dir = root / "omics"
+    omics_dir.mkdir()
+    manifest.to_parquet(omics_dir / "manifest.parquet")
+    feat.to_parquet(omics_dir / "features.parquet")
+    splits.to_parquet(omics_dir / "splits.parquet")
+    return omics_dir, features_dir
+
+
+def write_config(path: Path, **training: object) -> Path:
+    config = {
+        "cohorts": {"TINY": {"demo": True}},
+        "training": {
+            "epochs": 3,
+            "batch_size": 4,
+            "grad_accumulation": 2,
+            "max_patches_train": 16,
+            "lr": 1e-3,
+            "workers": 1,
+            **training,
+        },
+        "healnet": {
+            "n_latents": 8,
+            "latent_dim": 32,
+            "latent_heads": 2,
+            "latent_dim_head": 16,
+            "cross_dim_head": 16,
+            "omic_token_dim": 8,
+            "fourier_encode": True,
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("cohort")
+    omics_dir, features_dir = make_cohort(root)
+    return omics_dir, features_dir, write_config(root / "config.yaml")
+
+
+def train_args(
+    config: Path, omics_dir: Path, features_dir: Path, out: Path, model: str, *extra: str
+) -> list[str]:
+    return [
+        "train",
+        "--config",
+        str(config),
+        "--cohort",
+        "TINY",
+        "--model",
+        model,
+        "--omics-dir",
+        str(omics_dir),
+        "--features-dir",
+        str(features_dir),
+        "--models-dir",
+        str(out / "models" / model),
+        "--results-dir",
+        str(out / "results" / model),
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def healnet_run(cohort: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    omics_dir, features_dir, config = cohort
+    out = tmp_path_factory.mktemp("run")
+    assert healnet_main(train_args(config, omics_dir, features_dir, out, "healnet")) == 0
+    return out
+
+
+def test_tiny_cross_validation_writes_every_output(healnet_run: Path) -> None:
+    results, models = healnet_run / "results" / "healnet", healnet_run / "models" / "healnet"
+    assert sorted(p.name for p in models.iterdir()) == ["fold0.pt", "fold1.pt", "fold2.pt"]
+    folds = pd.read_csv(results / "folds.csv")
+    assert {"model", "fold", "setting", "metric", "value", "n_patients", "n_events"} <= set(folds.columns)
+    assert set(folds["setting"]) == {"full", "omics_only", "wsi_only", "random_half"}
+    assert set(folds["metric"]) == {"c_index", "ipcw_c_index", "ibs", "td_auc"}
+    assert len(folds) == 3 * 4 * 4 and folds.groupby("fold")["n_patients"].first().sum() == N_PATIENTS
+    c_index = folds.query("metric == 'c_index' and setting == 'full'")["value"]
+    assert c_index.between(0, 1).all()
+    # omics_only: the patients without omics (no modality left) are scored with the training median
+    only = folds.query("metric == 'c_index' and setting == 'omics_only'")["n_imputed"].sum()
+    assert only == len(NO_OMICS)
+    preds = pd.read_parquet(results / "predictions.parquet")
+    assert {"patient", "fold", "setting", "risk", "time", "event", "train_median_risk"} <= set(preds.columns)
+    full = preds[preds["setting"] == "full"]
+    assert sorted(full["patient"]) == sorted(f"TCGA-AA-{i:04d}" for i in range(N_PATIENTS))
+    log = json.loads((results / "log.json").read_text())
+    assert len(log["folds"]) == 3 and all(len(f["epochs"]) == 3 for f in log["folds"])
+    assert all(np.isfinite(e["train_loss"]) for f in log["folds"] for e in f["epochs"])
+
+
+def test_checkpoint_reproduces_the_saved_predictions(
+    healnet_run: Path, cohort: tuple[Path, Path, Path]
+) -> None:
+    from preprocessing.omics.transforms import OmicTransform
+
+    omics_dir, features_dir, _ = cohort
+    model, ckpt = train.load_checkpoint(healnet_run / "models" / "healnet" / "fold1.pt")
+    assert ckpt["wsi_dim"] == DIM and ckpt["fold"] == 1 and len(ckpt["feature_names"]) == 15
+    transform = OmicTransform.from_state_dict(ckpt["omic_transform"])
+    feats = pd.read_parquet(omics_dir / "features.parquet")
+    preds = pd.read_parquet(healnet_run / "results" / "healnet" / "predictions.parquet")
+    preds = preds.query("fold == 1 and setting == 'full'").set_index("patient")
+    patient = next(p for p in preds.index if p in feats.index and p not in NO_WSI)
+    x = transform.transform(feats.loc[[patient]]).loc[:, ckpt["feature_names"]].to_numpy(np.float32)
+    stem = next(p for p in features_dir.iterdir() if p.name.startswith(patient))
+    group = zarr.open_group(str(stem), mode="r")
+    wsi = torch.from_numpy(np.asarray(group["features"][:], dtype=np.float32))[None]
+    coords = torch.from_numpy(np.asarray(group["coords"][:], dtype=np.float32))[None]
+    with torch.no_grad():
+        logits = model(
+            wsi, None, torch.from_numpy(x), torch.tensor([True]), torch.tensor([True]), wsi_coords=coords
+        )
+    risk = -torch.cumprod(1 - torch.sigmoid(logits), dim=-1).sum().item()
+    assert risk == pytest.approx(preds.loc[patient, "risk"], abs=1e-4)
+    assert ckpt["train_median_risk"] == pytest.approx(preds["train_median_risk"].iloc[0])
+
+
+def test_same_seed_same_c_index(cohort: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    omics_dir, features_dir, _ = cohort
+    values, losses = [], []
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        # patch sampling (bags up to 39 patches, cap 16) and modality dropout both draw random numbers
+        config = write_config(tmp_path / f"{run}.yaml", modality_dropout=0.5, seed=seed)
+        out = tmp_path / run
+        assert (
+            healnet_main(train_args(config, omics_dir, features_dir, out, "perceiver", "--folds", "0")) == 0
+        )
+        folds = pd.read_csv(out / "results" / "perceiver" / "folds.csv")
+        values.append(folds.query("setting == 'full'")["value"].round(4).tolist())
+        log = json.loads((out / "results" / "perceiver" / "log.json").read_text())
+        losses.append([e["train_loss"] for e in log["folds"][0]["epochs"]])
+    assert values[0] == values[1] and losses[0] == losses[1]
+    assert losses[0] != losses[2]  # another seed really changes the run
+
+
+@pytest.mark.parametrize("model", ["snn", "abmil", "late_fusion"])
+def test_baselines_in_the_same_harness(cohort: tuple[Path, Path, Path], tmp_path: Path, model: str) -> None:
+    omics_dir, features_dir, config = cohort
+    assert healnet_main(train_args(config, omics_dir, features_dir, tmp_path, model, "--folds", "0,2")) == 0
+    folds = pd.read_csv(tmp_path / "results" / model / "folds.csv")
+    settings = {"full", "omics_only", "wsi_only", "random_half"} if model == "late_fusion" else {"full"}
+    assert set(folds["setting"]) == settings and sorted(folds["fold"].unique()) == [0, 2]
+    full = folds.query("setting == 'full' and metric == 'c_index'")
+    # unimodal models score patients lacking their modality with the training-median risk
+    expected = {"snn": NO_OMICS, "abmil": NO_WSI, "late_fusion": set()}[model]
+    folds_of = {p: int(p[-4:]) % N_FOLDS for p in expected}
+    assert full["n_imputed"].sum() == sum(f in (0, 2) for f in folds_of.values())
+    preds = pd.read_parquet(tmp_path / "results" / model / "predictions.parquet").query("setting == 'full'")
+    imputed = preds[preds["patient"].isin(expected)]
+    np.testing.assert_allclose(imputed["risk"], imputed["train_median_risk"])
+
+
+def test_early_stopping_uses_an_inner_split_of_the_training_fold(
+    cohort: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    omics_dir, features_dir, _ = cohort
+    config = write_config(
+        tmp_path / "config.yaml", early_stopping=True, patience=1, epochs=4, inner_val_fraction=0.3
+    )
+    assert healnet_main(train_args(config, omics_dir, features_dir, tmp_path, "snn", "--folds", "1")) == 0
+    fold = json.loads((tmp_path / "results" / "snn" / "log.json").read_text())["folds"][0]
+    n_train_fold = N_PATIENTS - N_PATIENTS // N_FOLDS - sum(int(p[-4:]) % N_FOLDS != 1 for p in NO_OMICS)
+    assert fold["n_train"] + fold["n_inner_val"] == n_train_fold and fold["n_inner_val"] >= 5
+    assert all("inner_val_c_index" in e for e in fold["epochs"])
+    assert "restored_epoch" in fold["epochs"][-1]
+
+
+def test_without_feature_stores(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    omics_dir, _, config = cohort
+    empty = tmp_path / "no_features"
+    empty.mkdir()
+    assert healnet_main(train_args(config, omics_dir, empty, tmp_path, "abmil")) == 1
+    assert "needs WSI features" in capsys.readouterr().err
+    assert healnet_main(train_args(config, omics_dir, empty, tmp_path, "healnet", "--folds", "0")) == 0
+    log = json.loads((tmp_path / "results" / "healnet" / "log.json").read_text())
+    assert any("trained on omics alone" in note for note in log["notes"])
+    folds = pd.read_csv(tmp_path / "results" / "healnet" / "folds.csv")
+    assert set(folds["setting"]) == {"full"}
+
+
+def test_bad_inputs_are_one_line_errors(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    omics_dir, features_dir, config = cohort
+    assert healnet_main(train_args(config, tmp_path / "nowhere", features_dir, tmp_path, "snn")) == 1
+    assert "omics folder does not exist" in capsys.readouterr().err
+    assert healnet_main(train_args(config, omics_dir, features_dir, tmp_path, "snn", "--folds", "7")) == 1
+    assert "fold(s) [7] not in splits.parquet" in capsys.readouterr().err
+    broken = tmp_path / "features"
+    broken.mkdir()
+    stem = next(features_dir.iterdir()).name
+    write_store(broken / stem, np.zeros((3, DIM)), np.zeros((3, 2)), complete=False)
+    assert healnet_main(train_args(config, omics_dir, broken, tmp_path, "abmil")) == 1
+    err = capsys.readouterr().err
+    assert stem in err and "not marked complete" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_summarises_every_model(healnet_run: Path, cohort: tuple[Path, Path, Path]) -> None:
+    omics_dir, features_dir, config = cohort
+    assert healnet_main(train_args(config, omics_dir, features_dir, healnet_run, "snn")) == 0
+    out = healnet_run / "results" / "summary.csv"
+    assert (
+        evaluate.cli(
+            [
+                "--cohort",
+                "TINY",
+                "--results-dir",
+                str(healnet_run / "results"),
+                "--models",
+                "healnet,snn",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    summary = pd.read_csv(out)
+    assert list(summary[["model", "setting"]].itertuples(index=False, name=None))[:2] in (
+        [("healnet", "full"), ("snn", "full")],
+        [("snn", "full"), ("healnet", "full")],
+    )
+    assert len(summary) == 5 and (summary["n_folds"] == 3).all()
+    folds = pd.read_csv(healnet_run / "results" / "snn" / "folds.csv").query("metric == 'c_index'")
+    row = summary.set_index(["model", "setting"]).loc[("snn", "full")]
+    assert row["c_index_mean"] == pytest.approx(folds["value"].mean())
+    assert row["c_index_folds"] == ";".join(f"{v:.4f}" for v in folds.sort_values("fold")["value"])
+    md = out.with_suffix(".md").read_text()
+    assert "| healnet | full |" in md and "±" in md
+    assert (
+        healnet_main(
+            [
+                "evaluate",
+                "--cohort",
+                "TINY",
+                "--results-dir",
+                str(healnet_run / "results"),
+                "--models",
+                "healnet,perceiver",
+                "-o",
+                str(out),
+            ]
+        )
+        == 1
+    )  # perceiver never trained
+    assert pd.read_csv(out).equals(summary)  # the old summary is left untouched
