@@ -38,8 +38,8 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def _message_figure(path: Path, title: str, message: str) -> None:
-    """A placeholder-free 'nothing to draw' figure: says in words why there is no plot."""
+def message_figure(path: Path, title: str, message: str) -> None:
+    """A figure that says in words why there is nothing to plot (the report keeps its layout)."""
     fig, ax = plt.subplots(figsize=(6, 2))
     ax.axis("off")
     ax.set_title(title)
@@ -66,11 +66,12 @@ def plot_km_curves(predictions: pd.DataFrame, path: Path, setting: str = "full")
     preds = predictions[predictions["setting"] == setting]
     models = list(dict.fromkeys(preds["model"]))
     if not models:
-        _message_figure(path, "Kaplan-Meier curves", f"no predictions for setting {setting!r}")
+        message_figure(path, "Kaplan-Meier curves", f"no predictions for setting {setting!r}")
         return pd.DataFrame()
     ncols = min(3, len(models))
     nrows = int(np.ceil(len(models) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False,
+                             constrained_layout=True)
     rows = []
     for ax, model in zip(axes.flat, models, strict=False):
         p = preds[preds["model"] == model]
@@ -169,8 +170,10 @@ def cli(argv: list[str] | None = None) -> int:
 
     from healnet import explain
 
+    healnet_preds = predictions[predictions["model"] == "healnet"]
     explain.draw_attention_figures(
-        models_dir=args.models_dir / "healnet", omics_dir=args.omics_dir, features_dir=args.features_dir,
+        models_dir=args.models_dir / "healnet", predictions=healnet_preds, omics_dir=args.omics_dir,
+        features_dir=args.features_dir,
         tiles_dir=args.tiles_dir, slides_dir=Path(args.slides_dir) if args.slides_dir else None,
         wsi_path=args.out / "attention_wsi.png", omics_path=args.out / "attention_omics.png",
         n_slides=args.heatmap_slides, top_features=args.top_omic_features,

@@ -1,0 +1,216 @@
+"""HEALNet's attention, read back from trained fold checkpoints and drawn for a reader.
+
+Each held-out patient is run through the checkpoint of the fold that held it out (so the picture shows
+what a model that never saw the patient attended to). The cross-attention weights from the latent
+array to each modality's tokens are averaged over layers, heads and latents, giving one weight per
+patch (drawn over the slide thumbnail) and one per omic token (genes, with ``omic_tokens: gene``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import zarr  # noqa: E402
+
+from healnet.report import message_figure, save_figure  # noqa: E402
+from preprocessing.tiles_io import read_tiles  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MAX_OMIC_PATIENTS = 300  # omic attention is averaged over at most this many held-out patients
+
+
+def read_bag(features_dir: Path, slides: list[str]) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """Concatenated patch features of a patient's slides, and (slide, coords) per non-empty slide."""
+    feats, coords = [], []
+    for stem in slides:
+        path = features_dir / f"{stem}.zarr"
+        if not path.exists():
+            continue
+        group = zarr.open_group(str(path), mode="r")
+        if group["features"].shape[0]:
+            feats.append(np.asarray(group["features"][:], dtype=np.float32))
+            coords.append((stem, np.asarray(group["coords"][:])))
+    if not feats:
+        return np.zeros((0, 0), np.float32), []
+    return np.concatenate(feats), coords
+
+
+def mean_attention(weights: list[torch.Tensor]) -> np.ndarray:
+    """Per-token attention of sample 0: mean over layers, heads and latents."""
+    return torch.stack([w[0].float().mean(dim=(0, 1)) for w in weights]).mean(0).cpu().numpy()
+
+
+def _omic_inputs(ckpt: dict[str, Any], features: pd.DataFrame, patients: list[str]) -> np.ndarray:
+    """The fold's fitted omic transform applied to these patients, in the model's column order."""
+    from preprocessing.omics.transforms import OmicTransform
+
+    transform = OmicTransform.from_state_dict(ckpt["omic_transform"])
+    out = transform.transform(features.loc[patients])
+    return out[ckpt["feature_names"]].to_numpy(np.float32)
+
+
+def patient_attention(model: torch.nn.Module, ckpt: dict[str, Any], bag: np.ndarray,
+                      omics: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Run one patient (bag may be empty, omics may be None) and return per-token attention."""
+    has_wsi = bag.shape[0] > 0 and ckpt.get("wsi_dim") is not None
+    has_omics = omics is not None and bool(ckpt.get("feature_names"))
+    wsi = torch.from_numpy(bag)[None] if has_wsi else None
+    omic = torch.from_numpy(omics)[None] if has_omics else None
+    with torch.inference_mode():
+        _, attention = model(wsi, None, omic, torch.tensor([has_wsi]), torch.tensor([has_omics]),
+                             return_attention=True)
+    out = {}
+    if has_wsi and attention.get("wsi"):
+        out["wsi"] = mean_attention(attention["wsi"])
+    if has_omics and attention.get("omics"):
+        out["omics"] = mean_attention(attention["omics"])
+    return out
+
+
+def _slide_file(stem: str, tiles_dir: Path, slides_dir: Path | None) -> tuple[Path | None, dict[str, Any]]:
+    tiles_path = tiles_dir / f"{stem}.parquet"
+    meta = read_tiles(tiles_path)[1] if tiles_path.exists() else {}
+    candidates = [Path(meta["slide_path"])] if meta.get("slide_path") else []
+    if slides_dir is not None and slides_dir.is_dir():
+        candidates += sorted(slides_dir.glob(f"{stem}.*"))
+    return next((p for p in candidates if p.exists()), None), meta
+
+
+def draw_slide_attention(ax: plt.Axes, slide_path: Path, meta: dict[str, Any], coords: np.ndarray,
+                         weights: np.ndarray, title: str) -> None:
+    """Thumbnail with each patch tinted by its attention (rank-scaled so the map uses the full range)."""
+    import openslide
+
+    with openslide.OpenSlide(str(slide_path)) as slide:
+        width = slide.dimensions[0]
+        thumb = np.asarray(slide.get_thumbnail((1024, 1024)).convert("RGB"))
+    scale = thumb.shape[1] / width
+    heat = np.full(thumb.shape[:2], np.nan, np.float32)
+    ranks = (np.argsort(np.argsort(weights)) + 0.5) / max(len(weights), 1)
+    side = max(1, int(round(float(meta.get("patch_size_level0", 256)) * scale)))
+    for (x, y), value in zip(coords, ranks, strict=True):
+        x0, y0 = int(x * scale), int(y * scale)
+        heat[y0:y0 + side, x0:x0 + side] = value
+    ax.imshow(thumb)
+    shown = ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    plt.colorbar(shown, ax=ax, fraction=0.035, pad=0.01, label="attention (rank within slide)")
+
+
+def draw_attention_figures(models_dir: Path, predictions: pd.DataFrame, omics_dir: Path, features_dir: Path,
+                           tiles_dir: Path, slides_dir: Path | None, wsi_path: Path, omics_path: Path,
+                           n_slides: int = 3, top_features: int = 15) -> None:
+    """Write the WSI attention panel and the omic attention bar chart for a cohort's HEALNet.
+
+    ``models_dir`` holds HEALNet's ``fold{k}.pt``; ``predictions`` its held-out risks (all settings),
+    used to pick the highest- and lowest-risk patients to draw.
+    """
+    from healnet.train import load_checkpoint
+
+    checkpoints = sorted(models_dir.glob("fold*.pt"))
+    if not checkpoints:
+        why = f"no HEALNet checkpoints in {models_dir} (is healnet in `models`?)"
+        message_figure(wsi_path, "HEALNet attention on slides", why)
+        message_figure(omics_path, "HEALNet omic attention", why)
+        return
+    manifest = pd.read_parquet(omics_dir / "manifest.parquet").set_index("patient")
+    features = pd.read_parquet(omics_dir / "features.parquet")
+    preds = predictions[predictions["setting"] == "full"]
+
+    omic_rows: list[np.ndarray] = []
+    token_names: list[str] = []
+    panels: list[dict[str, Any]] = []
+    wanted = _patients_to_draw(manifest, preds, n_slides)
+    for path in checkpoints:
+        model, ckpt = load_checkpoint(path)
+        test = [p for p in ckpt["test_patients"] if p in manifest.index]
+        with_omics = [p for p in test if bool(manifest.at[p, "has_omics"]) and p in features.index]
+        omic_of: dict[str, np.ndarray] = {}
+        if with_omics and ckpt["feature_names"]:
+            omic_of = dict(zip(with_omics, _omic_inputs(ckpt, features, with_omics), strict=True))
+        if omic_of and not token_names:
+            token_names = model.omic_tokenizer.token_names(ckpt["feature_names"])
+        for patient in test:
+            draw = patient in wanted
+            if not draw and (patient not in omic_of or len(omic_rows) >= MAX_OMIC_PATIENTS):
+                continue
+            bag, slide_coords = read_bag(features_dir, list(manifest.at[patient, "slides"]))
+            att = patient_attention(model, ckpt, bag, omic_of.get(patient))
+            if "omics" in att and len(omic_rows) < MAX_OMIC_PATIENTS:
+                omic_rows.append(att["omics"])
+            if draw and "wsi" in att:
+                start = 0
+                for stem, coords in slide_coords:
+                    panels.append({"patient": patient, "slide": stem, "coords": coords,
+                                   "weights": att["wsi"][start:start + len(coords)], "fold": ckpt["fold"],
+                                   "group": wanted[patient]})
+                    start += len(coords)
+    _draw_wsi_panels(panels[:n_slides], tiles_dir, slides_dir, wsi_path)
+    _draw_omic_bars(omic_rows, token_names, top_features, omics_path)
+
+
+def _patients_to_draw(manifest: pd.DataFrame, preds: pd.DataFrame, n: int) -> dict[str, str]:
+    """Held-out patients with slides, alternating highest and lowest predicted risk."""
+    if n <= 0:
+        return {}
+    with_wsi = set(manifest.index[manifest["has_wsi"].astype(bool)])
+    ranked = preds[preds["patient"].isin(with_wsi)].sort_values("risk")
+    if ranked.empty:
+        return {p: "held out" for p in sorted(with_wsi)[:n]}
+    high = list(ranked["patient"][::-1])
+    low = list(ranked["patient"])
+    chosen: dict[str, str] = {}
+    while len(chosen) < min(n, len(ranked)):
+        for pool, label in [(high, "highest predicted risk"), (low, "lowest predicted risk")]:
+            while pool and pool[0] in chosen:
+                pool.pop(0)
+            if pool and len(chosen) < n:
+                chosen[pool.pop(0)] = label
+    return chosen
+
+
+def _draw_wsi_panels(panels: list[dict[str, Any]], tiles_dir: Path, slides_dir: Path | None,
+                     path: Path) -> None:
+    drawable = []
+    for panel in panels:
+        slide_path, meta = _slide_file(panel["slide"], tiles_dir, slides_dir)
+        if slide_path is not None:
+            drawable.append((panel, slide_path, meta))
+    if not drawable:
+        message_figure(path, "HEALNet attention on slides",
+                       "no held-out patient with a readable slide and a WSI-trained HEALNet")
+        return
+    fig, axes = plt.subplots(1, len(drawable), figsize=(6 * len(drawable), 6), squeeze=False)
+    for ax, (panel, slide_path, meta) in zip(axes[0], drawable, strict=True):
+        title = f"{panel['slide'][:23]}\n{panel['group']}, held out in fold {panel['fold']}"
+        draw_slide_attention(ax, slide_path, meta, panel["coords"], panel["weights"], title)
+    fig.suptitle("HEALNet cross-attention from the latent array to each patch")
+    save_figure(fig, path)
+
+
+def _draw_omic_bars(rows: list[np.ndarray], names: list[str], top: int, path: Path) -> None:
+    if not rows or not names:
+        message_figure(path, "HEALNet omic attention", "HEALNet was trained without omics, or no held-out "
+                       "patient had omics")
+        return
+    mean = np.mean(np.stack(rows), axis=0)
+    order = np.argsort(mean)[::-1][:top]
+    uniform = 1.0 / len(mean)
+    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(order) + 1.4))
+    ax.barh(range(len(order))[::-1], mean[order] / uniform, color="tab:purple")
+    ax.set_yticks(range(len(order))[::-1], [names[i] for i in order], fontsize=8)
+    ax.axvline(1.0, ls="--", color="k", lw=0.8)
+    ax.set_xlabel("mean attention / uniform attention (1 = no preference)")
+    ax.set_title(f"Omic tokens HEALNet attended to most ({len(rows)} held-out patients)")
+    save_figure(fig, path)
