@@ -8,8 +8,12 @@ CORES ?= 2
 
 .PHONY: run test lint install clean-outputs
 
+# The HTML report is only rebuilt when a result or QC picture is newer than it, so a second
+# `make run` with nothing to do runs no job and writes nothing.
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
+	@if [ ! -f report.html ] || [ -n "$$(find results qc -newer report.html -print -quit)" ]; then \
+		$(BIN)/snakemake --report report.html; fi
 
 test: $(STAMP)
 	$(BIN)/pytest -q
