@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -12,15 +11,7 @@ import torch
 from healnet.loss import inverse_frequency_weights, nll_survival_loss, risk_from_logits, survival_from_logits
 from healnet.metrics import fold_metrics, survival_at, survival_knots
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded on a shared machine; restore global torch state after."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_nll_matches_a_hand_computed_example() -> None:

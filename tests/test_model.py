@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -14,14 +12,7 @@ D, F_RNA, F_CNV = 24, 12, 8
 GROUPS = [("rna", F_RNA), ("cnv", F_CNV)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded on a shared machine; restore global torch state after."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_batch(seed: int = 0, batch: int = 4, n: int = 9) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +23,7 @@ NO_WSI = {"TCGA-AA-0003", "TCGA-AA-0010", "TCGA-AA-0017"}  # no slide, or a slid
 NO_OMICS = {"TCGA-AA-0005", "TCGA-AA-0012"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded on a shared machine; restore global torch state after."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_store(path: Path, feats: np.ndarray, coords: np.ndarray, complete: bool = True) -> None:
