@@ -21,19 +21,12 @@ of them, or any non-finite feature, fail the slide. The training step reads stor
 
 from __future__ import annotations
 
-import os
-
-# OpenMP threads that sleep instead of spinning while they wait for each other. Set before torch
-# loads libgomp (so it takes effect in `healnet extract`, not where torch was imported earlier): with
-# the reader process and other jobs sharing the cores, spinning threads that wait at every layer for a
-# descheduled sibling made 2-thread inference 2-3x slower than 1 thread on this 2-core machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import contextlib
 import hashlib
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
