@@ -59,16 +59,20 @@ def _omic_inputs(ckpt: dict[str, Any], features: pd.DataFrame, patients: list[st
     return out[ckpt["feature_names"]].to_numpy(np.float32)
 
 
-def patient_attention(model: torch.nn.Module, ckpt: dict[str, Any], bag: np.ndarray,
+def patient_attention(model: torch.nn.Module, ckpt: dict[str, Any], bag: np.ndarray, coords: np.ndarray,
                       omics: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Run one patient (bag may be empty, omics may be None) and return per-token attention."""
+    """Run one patient (bag may be empty, omics may be None) and return per-token attention.
+
+    ``coords`` (N x 2, level-0 px) feed the Fourier position encoding when the model uses one.
+    """
     has_wsi = bag.shape[0] > 0 and ckpt.get("wsi_dim") is not None
     has_omics = omics is not None and bool(ckpt.get("feature_names"))
     wsi = torch.from_numpy(bag)[None] if has_wsi else None
+    wsi_coords = torch.from_numpy(coords.astype(np.float32))[None] if has_wsi else None
     omic = torch.from_numpy(omics)[None] if has_omics else None
     with torch.inference_mode():
         _, attention = model(wsi, None, omic, torch.tensor([has_wsi]), torch.tensor([has_omics]),
-                             return_attention=True)
+                             return_attention=True, wsi_coords=wsi_coords)
     out = {}
     if has_wsi and attention.get("wsi"):
         out["wsi"] = mean_attention(attention["wsi"])
@@ -146,7 +150,8 @@ def draw_attention_figures(models_dir: Path, predictions: pd.DataFrame, omics_di
             if not draw and (patient not in omic_of or len(omic_rows) >= MAX_OMIC_PATIENTS):
                 continue
             bag, slide_coords = read_bag(features_dir, list(manifest.at[patient, "slides"]))
-            att = patient_attention(model, ckpt, bag, omic_of.get(patient))
+            all_coords = np.concatenate([c for _, c in slide_coords]) if slide_coords else np.zeros((0, 2))
+            att = patient_attention(model, ckpt, bag, all_coords, omic_of.get(patient))
             if "omics" in att and len(omic_rows) < MAX_OMIC_PATIENTS:
                 omic_rows.append(att["omics"])
             if draw and "wsi" in att:
