@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -193,26 +194,65 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def freeze_for_cpu(model: torch.nn.Module, input_size: tuple[int, int]) -> torch.nn.Module | None:
+    """``model`` traced, frozen and optimised for CPU inference, or None when that does not work.
+
+    Freezing folds batch norm into the convolutions and lets oneDNN pick its own weight layout:
+    EfficientNet-Lite0 runs 2-3x faster on CPU than in eager mode, for about one second of tracing.
+    The frozen copy is only used when it gives the eager model's features on a test batch (a model
+    whose forward pass depends on its input in ways tracing cannot record is left eager).
+    """
+    probe = torch.rand(2, 3, *input_size).contiguous(memory_format=torch.channels_last)
+    checks = (probe, 2 * torch.randn_like(probe) - 1)  # the traced input's statistics, and others
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python values in the graph
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(
+                torch.jit.trace(model, probe[:1], check_trace=False)))
+            pairs = [(model(x), frozen(x)) for x in checks]
+    except Exception as err:  # noqa: BLE001 - any tracing failure just means eager mode
+        log.info("encoder runs eagerly: tracing failed (%s: %s)", type(err).__name__, err)
+        return None
+    if not all(got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+               for want, got in pairs):
+        log.info("encoder runs eagerly: the traced model does not reproduce its features")
+        return None
+    return frozen
+
+
+#: patches per forward pass on CPU: larger batches fall out of the CPU caches and run slower
+#: (EfficientNet-Lite0 on 2 cores: 55 patches/s at 16 per pass, 48 at 64)
+CPU_MICRO_BATCH = 16
+
+
 class FeatureRunner:
     """Encoder + normalisation on one device: uint8 NHWC batches in, float32 features out.
 
-    channels_last memory on CPU and GPU; on CUDA also autocast (bf16 where supported, else fp16),
-    cuDNN autotuning and non-blocking copies from pinned memory.
+    channels_last memory on CPU and GPU; on CPU the model is traced and frozen
+    (:func:`freeze_for_cpu`); on CUDA autocast (bf16 where supported, else fp16), cuDNN autotuning
+    and non-blocking copies from pinned memory.
     """
 
-    def __init__(self, encoder: Encoder, device: torch.device) -> None:
+    def __init__(self, encoder: Encoder, device: torch.device, freeze: bool = True) -> None:
         self.device = device
         self.model = encoder.model.to(device).to(memory_format=torch.channels_last).eval()
         self.normalise = Normalise(encoder.mean, encoder.std).to(device)
         self.feature_dim = encoder.feature_dim
         self.amp_dtype: torch.dtype | None = None
+        self.frozen = False
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif freeze:
+            frozen = freeze_for_cpu(self.model, encoder.input_size)
+            if frozen is not None:
+                self.model, self.frozen = frozen, True
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Features of a uint8 (N, H, W, 3) batch, float32 (N, D) on the runner's device."""
+        if self.device.type == "cpu" and len(batch) > CPU_MICRO_BATCH:
+            return torch.cat([self(part) for part in batch.split(CPU_MICRO_BATCH)])
         x = self.normalise(batch.to(self.device, non_blocking=True))
         if self.amp_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.amp_dtype):

@@ -25,7 +25,7 @@ from torch import nn
 from healnet.cli import main as healnet_main
 from preprocessing.encoders import Encoder, Normalise, build_encoder, resize_patch, rgba_to_rgb, sha256_file
 from preprocessing.errors import InputError
-from preprocessing.extract import batch_indices, cli, extract_slide, is_complete, read_store
+from preprocessing.extract import FeatureRunner, batch_indices, cli, extract_slide, is_complete, read_store
 from preprocessing.svs_writer import write_svs_from_array
 from preprocessing.tiles_io import read_tiles, write_tiles
 
@@ -284,3 +284,26 @@ def test_real_aperio_slide(shared_data, encoder, tmp_path):
     assert features.shape == (4, 1280) and np.isfinite(features).all()
     assert attrs["slide"] == slide.name and attrs["slide_bytes"] == slide.stat().st_size
     assert attrs["read_size"] == 257 and attrs["mpp"] == 0.499
+
+
+class _InputDependentModel(nn.Module):
+    """A forward pass whose branch depends on the input's values: tracing would record one branch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        return pooled * 2 if bool(pooled.mean() > 0) else pooled - 1
+
+
+def test_cpu_runner_freezes_the_encoder_only_when_that_keeps_its_features(encoder):
+    batch = torch.randint(0, 256, (20, *encoder.input_size, 3), dtype=torch.uint8)
+    frozen, eager = FeatureRunner(encoder, torch.device("cpu")), FeatureRunner(encoder, torch.device("cpu"),
+                                                                               freeze=False)
+    assert frozen.frozen and not eager.frozen
+    torch.testing.assert_close(frozen(batch), eager(batch), rtol=1e-3, atol=1e-3)
+
+    odd = Encoder("odd", _InputDependentModel(), 3, (8, 8), (0.5,) * 3, (0.5,) * 3, "bilinear", "random",
+                  None)
+    runner = FeatureRunner(odd, torch.device("cpu"))
+    assert not runner.frozen
+    small = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8)
+    torch.testing.assert_close(runner(small), FeatureRunner(odd, torch.device("cpu"), freeze=False)(small))
