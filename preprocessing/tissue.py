@@ -10,6 +10,10 @@ the same mask whether scanned at 20x or 40x. Steps (OpenCV):
    The threshold is clipped to ``[saturation_min, saturation_max]``: a slide with no tissue (all
    background, i.e. noise only) then gives an empty mask instead of a threshold picked in noise,
    and a slide that is nearly all tissue is not split between pale and dark tissue.
+   Otsu on a slide with both dark and pale (faintly stained) tissue puts its threshold between the
+   two, so pale areas are added back: pixels above ``pale_saturation_min`` that remain after a
+   morphological opening of ``pale_open_um`` (wide pale regions survive it; the thin rim of mixed
+   pixels around dark tissue does not, so the mask does not grow at tissue edges).
 3. Morphological close, then holes smaller than ``max_hole_um2`` (about one patch) are filled (gaps
    between fibres, small lumina: the patch around them is still tissue) and regions smaller than
    ``min_region_um2`` dropped (dust, debris).
@@ -35,6 +39,8 @@ class MaskParams:
     median_um: float = 40.0         # median blur window on saturation
     saturation_min: int = 20        # Otsu threshold clipped to this range (0-255)
     saturation_max: int = 60
+    pale_saturation_min: int = 20   # pale tissue (faint eosin) sits at 20-40; glass below 15
+    pale_open_um: float = 48.0      # opening that keeps wide pale areas and drops edge rims
     close_um: float = 32.0          # morphological close diameter
     max_hole_um2: float = 20_000.0   # holes up to 0.02 mm^2 (about one 128 um patch) are filled
     min_region_um2: float = 10_000.0  # regions under 0.01 mm^2 are dropped
@@ -130,6 +136,13 @@ def tissue_mask(rgb: np.ndarray, mpp: float, params: MaskParams = MaskParams()) 
     threshold = float(np.clip(otsu if otsu is not None else params.saturation_max,
                               params.saturation_min, params.saturation_max))
     mask = (saturation > threshold) & ~pen
+    if threshold > params.pale_saturation_min:
+        pale = ((saturation > params.pale_saturation_min) & ~mask & ~pen).astype(np.uint8)
+        size = _odd(params.pale_open_um / mpp)
+        if size > 1:
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+            pale = cv2.morphologyEx(pale, cv2.MORPH_OPEN, kernel)
+        mask |= pale.astype(bool)
     size = _odd(params.close_um / mpp)
     if size > 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))

@@ -73,7 +73,19 @@ def test_mask_finds_tissue_and_ignores_background_noise() -> None:
     agreement = (mask.tissue == expected).mean()
     assert agreement > 0.95
     empty = tissue_mask(_noise_background(100, 125), mpp=8.0)
-    assert not empty.tissue.any() and empty.threshold >= 20
+    assert not empty.tissue.any()
+
+
+def test_pale_tissue_next_to_dark_tissue_is_kept() -> None:
+    """Faint eosin (saturation ~30) beside hematoxylin-rich tissue: Otsu alone would split the two."""
+    img = _noise_background(200, 300, seed=1)
+    img[30:170, 20:140] = (150, 95, 175)    # dark, saturated tissue
+    img[30:170, 160:280] = (238, 212, 226)  # pale pink tissue, saturation about 28
+    saturation = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[..., 1]
+    assert 20 < np.median(saturation[30:170, 160:280]) < 40
+    mask = tissue_mask(img, mpp=8.0)
+    assert mask.tissue[40:160, 30:130].all() and mask.tissue[40:160, 170:270].mean() > 0.95
+    assert not mask.tissue[:20].any() and not mask.tissue[180:].any()
 
 
 def test_pen_marks_are_excluded_but_bluish_hematoxylin_is_not() -> None:
