@@ -24,9 +24,13 @@ lint: $(STAMP)
 
 install: $(STAMP)
 
+# uv resolves the same pins as pip but downloads in parallel: about 1 min instead of 4-5 for a
+# fresh .venv (torch and its CUDA libraries are most of the 6.6 GB).
+UV_VERSION := 0.13.9
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,slurm]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[dev,slurm]'
 	touch $(STAMP)
 
 clean-outputs:
