@@ -6,7 +6,7 @@
 #   extract  -> features/{cohort}/{encoder}/{slide}.zarr
 #   omics    -> omics/{cohort}/manifest.parquet, features.parquet, splits.parquet
 #   train    -> models/{cohort}/{model}/fold{k}.pt, results/{cohort}/{model}/folds.csv
-#   evaluate -> results/{cohort}/summary.csv, results/{cohort}/summary.md
+#   evaluate -> results/{cohort}/summary.csv, summary.md, summary.html
 #   report   -> results/{cohort}/figures/*.png   (and `snakemake --report report.html`)
 
 from snakemake.utils import min_version, validate

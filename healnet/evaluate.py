@@ -2,12 +2,15 @@
 
 Reads ``RESULTS_DIR/{model}/folds.csv`` and writes one row per model x setting with the mean, standard
 deviation (population, ddof = 0, over folds, NaN folds left out) and per-fold values of each metric,
-as CSV and as a Markdown table (mean ± std), both written atomically.
+as CSV, as a Markdown table (mean ± std) and as a small self-contained HTML page with the same table
+(the Snakemake report shows HTML in the page; a CSV is only offered as a download), all written
+atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 from pathlib import Path
 
 import numpy as np
@@ -106,14 +109,78 @@ def to_markdown(summary: pd.DataFrame, cohort: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Compact, so that the table fits the report's content pane (about 700 px wide beside a result's caption).
+HTML_STYLE = """
+body { font: 13px/1.35 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #222;
+       margin: 12px; }
+h1 { font-size: 17px; margin: 0 0 10px; }
+table { border-collapse: collapse; }
+th, td { padding: 4px 7px; border-bottom: 1px solid #ddd; white-space: nowrap; }
+th { text-align: left; vertical-align: bottom; background: #f3f4f6; border-bottom: 2px solid #bbb; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.first td { border-top: 2px solid #bbb; }
+p.note { color: #555; max-width: 60em; }
+"""
+
+
+def to_html(summary: pd.DataFrame, cohort: str) -> str:
+    """The Markdown table's content as a self-contained HTML page (no scripts, no external files)."""
+
+    def fmt(mean: float, std: float) -> str:
+        return "n/a" if not np.isfinite(mean) else f"{mean:.3f} ± {std:.3f}"
+
+    header = ["model", "setting", "c-index", "IPCW c-index", "integrated Brier", "td AUC", "folds"]
+    rows = []
+    previous = None
+    for _, r in summary.iterrows():
+        cells = [
+            (str(r["model"]), ""),
+            (str(r["setting"]), ""),
+            (fmt(r["c_index_mean"], r["c_index_std"]), "num"),
+            (fmt(r["ipcw_c_index_mean"], r["ipcw_c_index_std"]), "num"),
+            (fmt(r["ibs_mean"], r["ibs_std"]), "num"),
+            (fmt(r["td_auc_mean"], r["td_auc_std"]), "num"),
+            (str(r["n_folds"]), "num"),
+        ]
+        # A rule above the first row of each setting, so the settings read as groups.
+        first = ' class="first"' if previous is not None and r["setting"] != previous else ""
+        previous = r["setting"]
+        tds = "".join(
+            f'<td class="{c}">{html.escape(v)}</td>' if c else f"<td>{html.escape(v)}</td>" for v, c in cells
+        )
+        rows.append(f"<tr{first}>{tds}</tr>")
+    title = f"{cohort}: cross-validated survival models"
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            '<head><meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title>",
+            f"<style>{HTML_STYLE}</style></head>",
+            "<body>",
+            f"<h1>{html.escape(title)}</h1>",
+            "<table>",
+            "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>",
+            "<tbody>",
+            *rows,
+            "</tbody></table>",
+            '<p class="note">Mean ± standard deviation over folds (ddof = 0; folds where a metric is '
+            "undefined are left out). Lower is better for the integrated Brier score, higher for the "
+            "others.</p>",
+            "</body></html>",
+            "",
+        ]
+    )
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """``healnet evaluate``: write summary.csv and summary.md for one cohort."""
+    """``healnet evaluate``: write summary.csv, summary.md and summary.html for one cohort."""
     parser = argparse.ArgumentParser(prog="healnet evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cohort", required=True)
     parser.add_argument("--results-dir", required=True, type=Path, help="results/{cohort}")
     parser.add_argument("--models", default=None, help="comma-separated models (default: every trained one)")
     parser.add_argument(
-        "-o", "--output", required=True, type=Path, help="summary.csv; summary.md goes beside it"
+        "-o", "--output", required=True, type=Path, help="summary.csv; summary.md and .html go beside it"
     )
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m] if args.models else None
@@ -122,5 +189,7 @@ def cli(argv: list[str] | None = None) -> int:
         summary.to_csv(tmp, index=False)
     with atomic_output(args.output.with_suffix(".md")) as tmp:
         tmp.write_text(to_markdown(summary, args.cohort))
+    with atomic_output(args.output.with_suffix(".html")) as tmp:
+        tmp.write_text(to_html(summary, args.cohort), encoding="utf-8")
     print(to_markdown(summary, args.cohort))
     return 0

@@ -9,6 +9,7 @@ patch (drawn over the slide thumbnail) and one per omic token (genes, with ``omi
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from preprocessing.tiles_io import read_tiles  # noqa: E402
 log = logging.getLogger(__name__)
 
 MAX_OMIC_PATIENTS = 300  # omic attention is averaged over at most this many held-out patients
+WSI_COLUMNS = 3  # slide panels per row of attention_wsi.png
 
 
 def read_bag(features_dir: Path, slides: list[str]) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
@@ -91,8 +93,9 @@ def _slide_file(stem: str, tiles_dir: Path, slides_dir: Path | None) -> tuple[Pa
 
 
 def draw_slide_attention(ax: plt.Axes, slide_path: Path, meta: dict[str, Any], coords: np.ndarray,
-                         weights: np.ndarray, title: str) -> None:
-    """Thumbnail with each patch tinted by its attention (rank-scaled so the map uses the full range)."""
+                         weights: np.ndarray, title: str) -> matplotlib.image.AxesImage:
+    """Thumbnail with each patch tinted by its attention (rank-scaled so the map uses the full range);
+    returns the attention layer, for a colour bar."""
     import openslide
 
     with openslide.OpenSlide(str(slide_path)) as slide:
@@ -107,9 +110,9 @@ def draw_slide_attention(ax: plt.Axes, slide_path: Path, meta: dict[str, Any], c
         heat[y0:y0 + side, x0:x0 + side] = value
     ax.imshow(thumb)
     shown = ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=12)
     ax.axis("off")
-    plt.colorbar(shown, ax=ax, fraction=0.035, pad=0.01, label="attention (rank within slide)")
+    return shown
 
 
 def draw_attention_figures(models_dir: Path, predictions: pd.DataFrame, omics_dir: Path, features_dir: Path,
@@ -196,11 +199,21 @@ def _draw_wsi_panels(panels: list[dict[str, Any]], tiles_dir: Path, slides_dir: 
         message_figure(path, "HEALNet attention on slides",
                        "no held-out patient with a readable slide and a WSI-trained HEALNet")
         return
-    fig, axes = plt.subplots(1, len(drawable), figsize=(6 * len(drawable), 6), squeeze=False)
-    for ax, (panel, slide_path, meta) in zip(axes[0], drawable, strict=True):
-        title = f"{panel['slide'][:23]}\n{panel['group']}, held out in fold {panel['fold']}"
-        draw_slide_attention(ax, slide_path, meta, panel["coords"], panel["weights"], title)
-    fig.suptitle("HEALNet cross-attention from the latent array to each patch")
+    # At most WSI_COLUMNS panels a row and small panels: the report shows a figure at about 1000 px
+    # wide, so a wider figure is scaled down and its titles become unreadable.
+    ncols = min(WSI_COLUMNS, len(drawable))
+    nrows = math.ceil(len(drawable) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols + 0.8, 3.4 * nrows + 0.5), squeeze=False,
+                             layout="constrained")
+    for ax, (panel, slide_path, meta) in zip(axes.flat, drawable, strict=False):
+        title = f"{panel['slide'][:23]}\n{panel['group']}\nheld out in fold {panel['fold']}"
+        shown = draw_slide_attention(ax, slide_path, meta, panel["coords"], panel["weights"], title)
+    for ax in list(axes.flat)[len(drawable):]:
+        ax.axis("off")
+    # One colour bar for all panels (the scale is the same: rank within each slide).
+    bar = fig.colorbar(shown, ax=axes, fraction=0.03, pad=0.02, shrink=0.8)
+    bar.set_label("attention (rank within slide)", fontsize=11)
+    fig.suptitle("HEALNet cross-attention from the latent array to each patch", fontsize=14)
     save_figure(fig, path)
 
 

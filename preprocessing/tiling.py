@@ -8,8 +8,9 @@ about a second. Patches are kept when their tissue fraction (from the mask) reac
 ``min_tissue_fraction``.
 
 Output: the tiles Parquet file (:mod:`preprocessing.tiles_io`) and, with ``--qc``, a PNG showing the
-thumbnail, the tissue outline (green), excluded pen marks (magenta), the kept patches (blue) and a
-title with slide, MPP and its source, level and patch count. Both are written atomically.
+thumbnail, the tissue outline (green), excluded pen marks (magenta), the kept patches (blue) and,
+above or beside it, the slide, MPP and its source, level and patch count; the picture is at most
+QC_MAX_HEIGHT px tall. Both are written atomically.
 
 Errors: a slide that cannot be read, or has no usable MPP, is an InputError (one line, exit 1, no
 output). With ``--on-error record`` (what the pipeline uses, so one bad slide never stops a cohort)
@@ -54,10 +55,18 @@ from preprocessing.tissue import MaskParams, TissueMask, box_fractions, tissue_m
 
 log = logging.getLogger(__name__)
 
-#: Long side of the QC picture (px): downsampled to at most this, small slides upscaled towards it.
+#: Long side of the thumbnail read for the QC picture (px).
 QC_LONG_SIDE = 2000
-QC_MIN_LONG_SIDE = 1000
+#: The QC picture fits QC_MAX_WIDTH x QC_MAX_HEIGHT px (the Snakemake report centres images vertically,
+#: so a taller picture loses its top), with the text above a landscape thumbnail or in a column of
+#: QC_SIDE_WIDTH px beside a portrait one, whichever shows the thumbnail larger; small thumbnails are
+#: upscaled (at most QC_MAX_UPSCALE times) to fill it. The picture is at least QC_MIN_WIDTH px wide.
+QC_MAX_WIDTH = 1400
+QC_MAX_HEIGHT = 900
+QC_SIDE_WIDTH = 440
+QC_MAX_UPSCALE = 8
 QC_MIN_WIDTH = 1000
+QC_FONT_SIZE = 18
 
 TISSUE_COLOUR = (0, 170, 0)
 PEN_COLOUR = (220, 0, 220)
@@ -205,9 +214,16 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
-    """Greedy word wrap to ``width`` px (a word longer than a line gets a line of its own)."""
-    lines: list[str] = []
+    """Greedy word wrap to ``width`` px; a word longer than a line (a slide file name) is broken."""
+    words: list[str] = []
     for word in text.split():
+        while font.getlength(word) > width and len(word) > 1:
+            cut = next((i for i in range(len(word) - 1, 0, -1) if font.getlength(word[:i]) <= width), 1)
+            words.append(word[:cut])
+            word = word[cut:]
+        words.append(word)
+    lines: list[str] = []
+    for word in words:
         if lines and font.getlength(f"{lines[-1]} {word}") <= width:
             lines[-1] = f"{lines[-1]} {word}"
         else:
@@ -215,33 +231,82 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: 
     return lines or [""]
 
 
-def _with_title(image: Image.Image, lines: list[tuple[str, tuple[int, int, int]]],
-                size: int = 18) -> Image.Image:
-    """Put ``lines`` (text, colour) in a white band above ``image``."""
+def _text_height(lines: list[tuple[str, tuple[int, int, int]]], width: int, size: int) -> int:
+    """Height (px) of ``lines`` wrapped to a column ``width`` px wide (as drawn by ``_draw_lines``)."""
     font = _font(size)
-    width = max(image.width, QC_MIN_WIDTH)
+    return 10 + (size + 6) * sum(len(_wrap(text, font, width - 20)) for text, _ in lines)
+
+
+def _draw_lines(canvas: Image.Image, lines: list[tuple[str, tuple[int, int, int]]], x: int, y: int,
+                width: int, size: int) -> None:
+    """Draw ``lines`` (text, colour) wrapped to a column ``width`` px wide, from (``x``, ``y``)."""
+    font = _font(size)
+    draw = ImageDraw.Draw(canvas)
     wrapped = [(part, colour) for text, colour in lines for part in _wrap(text, font, width - 20)]
-    line_h = size + 6
-    band = 10 + line_h * len(wrapped)
+    for i, (text, colour) in enumerate(wrapped):
+        draw.text((x + 10, y + 6 + i * (size + 6)), text, fill=colour, font=font)
+
+
+def _with_title(image: Image.Image, lines: list[tuple[str, tuple[int, int, int]]],
+                size: int = QC_FONT_SIZE) -> Image.Image:
+    """Put ``lines`` (text, colour) in a white band above ``image``."""
+    width = max(image.width, QC_MIN_WIDTH)
+    band = _text_height(lines, width, size)
     canvas = Image.new("RGB", (width, band + image.height), "white")
     canvas.paste(image, (0, band))
-    draw = ImageDraw.Draw(canvas)
-    for i, (text, colour) in enumerate(wrapped):
-        draw.text((10, 6 + i * line_h), text, fill=colour, font=font)
+    _draw_lines(canvas, lines, 0, 0, width, size)
     return canvas
+
+
+def _with_side_text(image: Image.Image, lines: list[tuple[str, tuple[int, int, int]]],
+                    size: int = QC_FONT_SIZE) -> Image.Image:
+    """Put ``lines`` (text, colour) in a white column right of ``image``."""
+    width = max(image.width + QC_SIDE_WIDTH, QC_MIN_WIDTH)
+    column = width - image.width
+    height = max(image.height, _text_height(lines, column - 10, size))
+    canvas = Image.new("RGB", (width, height), "white")
+    canvas.paste(image, (0, 0))
+    _draw_lines(canvas, lines, image.width + 10, 0, column - 10, size)
+    return canvas
+
+
+def _qc_layout(h: int, w: int, lines: list[tuple[str, tuple[int, int, int]]]) -> tuple[bool, float]:
+    """(text beside the thumbnail?, thumbnail scale factor) that shows an ``h`` x ``w`` thumbnail the
+    largest within QC_MAX_WIDTH x QC_MAX_HEIGHT."""
+    # Text above: the band's height depends on the picture's width (wrapping), so settle it twice.
+    top = min(QC_MAX_UPSCALE, QC_MAX_WIDTH / w, QC_MAX_HEIGHT / h)
+    for _ in range(2):
+        band = _text_height(lines, max(round(w * top), QC_MIN_WIDTH), QC_FONT_SIZE)
+        top = min(QC_MAX_UPSCALE, QC_MAX_WIDTH / w, max(1, QC_MAX_HEIGHT - band) / h)
+    side = min(QC_MAX_UPSCALE, (QC_MAX_WIDTH - QC_SIDE_WIDTH) / w, QC_MAX_HEIGHT / h)
+    return (True, side) if side > top * 1.05 else (False, top)
 
 
 def render_qc(thumbnail: np.ndarray, thumb_ds: float, mask: TissueMask, mask_ds: float,
               tiles: pd.DataFrame, p0: int, meta: dict[str, Any]) -> Image.Image:
     """QC picture: ``thumbnail`` (``thumb_ds`` level-0 px per px) with the tissue outline, pen marks,
-    kept patch rectangles and a title line (slide, MPP + source, level, patch count, warnings)."""
+    kept patch rectangles and a title (slide, MPP + source, level, patch count, warnings) above or
+    beside it; the whole picture fits QC_MAX_WIDTH x QC_MAX_HEIGHT px."""
+    lines = [
+        (f"{meta['slide_file']}", (0, 0, 0)),
+        (f"MPP {meta['mpp']:.4g} um/px from {meta['mpp_source']} ({meta['mpp_detail']}); read level "
+         f"{meta['level']} (downsample {meta['downsample']:.4g}, {meta['level_mpp']:.3g} um/px)", (0, 0, 0)),
+        (f"{meta['n_patches']} patches of {meta['patch_size']} px at {meta['target_mpp']:g} um/px "
+         f"({meta['patch_um']:.0f} um, {p0} level-0 px); "
+         f"min tissue fraction {meta['min_tissue_fraction']:g}; "
+         f"tissue {meta['tissue_area_mm2']:.2f} mm^2", (0, 0, 0)),
+        ("green: tissue outline, blue: kept patches, magenta: pen marks (excluded)", (90, 90, 90)),
+    ]
+    if meta.get("warning"):
+        lines.append((f"WARNING: {meta['warning']}", (200, 0, 0)))
     h, w = thumbnail.shape[:2]
-    up = max(1, min(8, QC_MIN_LONG_SIDE // max(h, w)))
+    beside, factor = _qc_layout(h, w, lines)
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
     img = np.ascontiguousarray(thumbnail)
-    if up > 1:
-        img = cv2.resize(img, (w * up, h * up), interpolation=cv2.INTER_NEAREST)
-    scale = thumb_ds / up  # level-0 px per picture px
-    size = (img.shape[1], img.shape[0])
+    if size != (w, h):
+        interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+        img = cv2.resize(img, size, interpolation=interpolation)
+    scale = thumb_ds * w / size[0]  # level-0 px per picture px
     # Patch rectangles half-transparent, so the tissue under a dense grid stays visible.
     grid = img.copy()
     thickness = 2 if p0 / scale >= 32 else 1
@@ -261,19 +326,8 @@ def render_qc(thumbnail: np.ndarray, thumb_ds: float, mask: TissueMask, mask_ds:
         resized = cv2.resize(part, target, interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(resized, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(img, contours, -1, colour, 2)
-    lines = [
-        (f"{meta['slide_file']}", (0, 0, 0)),
-        (f"MPP {meta['mpp']:.4g} um/px from {meta['mpp_source']} ({meta['mpp_detail']}); read level "
-         f"{meta['level']} (downsample {meta['downsample']:.4g}, {meta['level_mpp']:.3g} um/px)", (0, 0, 0)),
-        (f"{meta['n_patches']} patches of {meta['patch_size']} px at {meta['target_mpp']:g} um/px "
-         f"({meta['patch_um']:.0f} um, {p0} level-0 px); "
-         f"min tissue fraction {meta['min_tissue_fraction']:g}; "
-         f"tissue {meta['tissue_area_mm2']:.2f} mm^2", (0, 0, 0)),
-        ("green: tissue outline, blue: kept patches, magenta: pen marks (excluded)", (90, 90, 90)),
-    ]
-    if meta.get("warning"):
-        lines.append((f"WARNING: {meta['warning']}", (200, 0, 0)))
-    return _with_title(Image.fromarray(img), lines)
+    picture = Image.fromarray(img)
+    return _with_side_text(picture, lines) if beside else _with_title(picture, lines)
 
 
 def render_failed_qc(slide: str | Path, reason: str) -> Image.Image:

@@ -326,6 +326,12 @@ def test_evaluate_summarises_every_model(healnet_run: Path, cohort: tuple[Path, 
     assert row["c_index_folds"] == ";".join(f"{v:.4f}" for v in folds.sort_values("fold")["value"])
     md = out.with_suffix(".md").read_text()
     assert "| healnet | full |" in md and "±" in md
+    # The same table as a self-contained HTML page (the Snakemake report shows it in the page).
+    page = out.with_suffix(".html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
+    assert page.count("<tr") == len(summary) + 1 and "<td>healnet</td><td>full</td>" in page
+    snn = summary.set_index(["model", "setting"]).loc[("snn", "full")]
+    assert f"{snn['c_index_mean']:.3f} ± {snn['c_index_std']:.3f}" in page
     assert (
         healnet_main(
             [

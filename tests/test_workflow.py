@@ -44,6 +44,7 @@ def test_whole_dag_runs_and_second_run_does_nothing(tiny_run: Path) -> None:
     assert {"healnet", "snn", "abmil", "perceiver", "late_fusion"} <= set(summary["model"])
     assert summary["c_index_mean"].between(0, 1).all()
     assert (tiny_run / "results/TINY/summary.md").read_text().count("|") > 10
+    assert (tiny_run / "results/TINY/summary.html").read_text(encoding="utf-8").count("<tr") > 5
     for fig in ["km_curves.png", "c_index.png", "attention_wsi.png", "attention_omics.png"]:
         assert (tiny_run / "results/TINY/figures" / fig).stat().st_size > 5000
     again = snakemake(tiny_run, "--cores", "2")
@@ -65,7 +66,7 @@ def test_snakemake_report_collects_tables_and_figures(tiny_run: Path) -> None:
     run = snakemake(tiny_run, "--report", str(tiny_run / "report.html"))
     assert run.returncode == 0, run.stderr[-3000:]
     html = (tiny_run / "report.html").read_text(errors="replace")
-    for name in ["km_curves.png", "attention_wsi.png", "summary.csv", "failed_slides.csv"]:
+    for name in ["km_curves.png", "attention_wsi.png", "summary.csv", "summary.html", "failed_slides.csv"]:
         assert name in html
 
 

@@ -101,7 +101,7 @@ REPORT_FIGURES = ["km_curves.png", "c_index.png", "attention_wsi.png", "attentio
 def final_outputs():
     out = []
     for cohort in config["cohorts"]:
-        out += [f"results/{cohort}/summary.md", f"results/{cohort}/summary.csv"]
+        out += [f"results/{cohort}/summary.{ext}" for ext in ("md", "csv", "html")]
         out += [f"results/{cohort}/figures/{f}" for f in REPORT_FIGURES]
         out += [f"results/{cohort}/failed_slides.csv"]
     return out
@@ -190,7 +190,7 @@ def figure(name, caption, label):
         caption=f"../report/{caption}",
         category="Results",
         subcategory="{cohort}",
-        labels={"cohort": "{cohort}", "figure": label},
+        labels={"cohort": "{cohort}", "item": label},
     )
 
 

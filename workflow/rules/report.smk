@@ -14,7 +14,7 @@ rule report:
             caption="../report/failed_slides.rst",
             category="Results",
             subcategory="{cohort}",
-            labels={"cohort": "{cohort}", "table": "failed slides"},
+            labels={"cohort": "{cohort}", "item": "failed slides"},
         ),
     log:
         "logs/{cohort}/report.log",
