@@ -21,7 +21,7 @@ rule extract:
                 optional_flag("--stain-reference", config["extract"]["stain_reference"]),
             ]
         ),
-    threads: 2
+    threads: config["extract"]["threads"]
     resources:
         mem_mb=8000,
         runtime=120,

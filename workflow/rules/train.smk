@@ -33,7 +33,7 @@ rule train:
         healnet=HEALNET,
         encoder=ENCODER,
         device=config["training"]["device"],
-    threads: 2
+    threads: config["training"]["threads"]
     resources:
         mem_mb=8000,
         runtime=240,
@@ -56,9 +56,17 @@ rule evaluate:
             caption="../report/summary.rst",
             category="Results",
             subcategory="{cohort}",
-            labels={"cohort": "{cohort}", "table": "summary (CSV)"},
+            labels={"cohort": "{cohort}", "item": "summary (CSV)"},
         ),
         md="results/{cohort}/summary.md",
+        # The same table as HTML: the report shows it in the page (a CSV is only a download).
+        html=report(
+            "results/{cohort}/summary.html",
+            caption="../report/summary_html.rst",
+            category="Results",
+            subcategory="{cohort}",
+            labels={"cohort": "{cohort}", "item": "summary table"},
+        ),
     log:
         "logs/{cohort}/evaluate.log",
     benchmark:
