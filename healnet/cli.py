@@ -18,6 +18,7 @@ from preprocessing.errors import InputError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("preprocessing.demo", "write a synthetic TCGA-like demo cohort (slides and omic tables)"),
     "tile": ("preprocessing.tiling", "tissue mask and MPP-aware patch grid of one slide, plus a QC picture"),
+    "encoder": ("preprocessing.encoders", "build an encoder once and save it frozen for the extraction jobs"),
     "extract": ("preprocessing.extract", "patch embeddings of one slide into a Zarr store"),
     "omics": ("preprocessing.omics.cli", "join clinical and omic tables per patient; folds and manifest"),
     "train": ("healnet.train", "cross-validated training of one model on one cohort"),

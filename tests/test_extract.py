@@ -307,3 +307,23 @@ def test_cpu_runner_freezes_the_encoder_only_when_that_keeps_its_features(encode
     assert not runner.frozen
     small = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8)
     torch.testing.assert_close(runner(small), FeatureRunner(odd, torch.device("cpu"), freeze=False)(small))
+
+
+def test_frozen_encoder_file_gives_the_same_store_and_is_checked(data, encoder, tmp_path):
+    frozen = tmp_path / "encoder.pt"
+    assert healnet_main(["encoder", "--encoder", "efficientnet_lite0", "-o", str(frozen)]) == 0
+    out = tmp_path / "from_file.zarr"
+    extract_slide(data["slide"], data["tiles"], out, encoder_file=frozen, device="cpu", progress=False)
+    got, _, attrs = read_store(out)
+    reference, _, ref_attrs = read_store(data["store"])
+    np.testing.assert_allclose(got.astype(np.float32), reference.astype(np.float32), rtol=1e-2, atol=1e-2)
+    assert {k: attrs[k] for k in ("encoder", "weights", "weights_sha256", "feature_dim")} == {
+        k: ref_attrs[k] for k in ("encoder", "weights", "weights_sha256", "feature_dim")}
+    with pytest.raises(InputError, match="holds encoder 'efficientnet_lite0'"):
+        extract_slide(data["slide"], data["tiles"], tmp_path / "x.zarr", encoder="resnet50_trunc",
+                      encoder_file=frozen, device="cpu", progress=False)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="not a frozen encoder file"):
+        extract_slide(data["slide"], data["tiles"], tmp_path / "y.zarr", encoder_file=broken, device="cpu",
+                      progress=False)
