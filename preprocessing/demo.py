@@ -48,8 +48,8 @@ SITES = ("05", "35", "38", "44", "49", "50", "55", "64", "67", "69", "73", "75",
          "95", "97", "99", "J2", "L4", "L9", "MN", "MP", "NJ", "O1", "S2")
 ALNUM = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
 # Planted histology effect: log hazard ratio per standard deviation of tumour fraction.
-HISTOLOGY_WEIGHT = 1.0
-OMIC_WEIGHT = 1.0
+HISTOLOGY_WEIGHT = 2.0
+OMIC_WEIGHT = 2.0
 NOISE_SD = 0.3
 TUMOUR_FRACTION_RANGE = (0.1, 0.9)   # tumour fraction = low + (high - low) * Beta(2, 2)
 SHARE_NO_SLIDE = SHARE_NO_OMICS = SHARE_TWO_SLIDES = 0.1

@@ -97,7 +97,7 @@ CNV_BIAS = {"CDKN2A": -0.9, "CDKN2B": -0.8, "MTAP": -0.6, "FHIT": -0.4, "PTPRD":
 # Survival model: Weibull baseline (shape, median days at risk 0) and censoring share.
 WEIBULL_SHAPE = 1.3
 MEDIAN_DAYS = 1500.0
-CENSORED_SHARE = 0.6
+CENSORED_SHARE = 0.55
 
 
 @dataclass(frozen=True)

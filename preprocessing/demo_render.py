@@ -44,7 +44,7 @@ OD_E = (np.array([0.15, 0.85, 0.50]) / np.linalg.norm([0.15, 0.85, 0.50])).astyp
 INK_RGB = {"green": (70.0, 150.0, 95.0), "blue": (60.0, 80.0, 175.0), "black": (55.0, 55.0, 65.0)}
 PALE_STRENGTH = 0.55                   # a pale region keeps 45 % of the stain
 N_TEXTURE_VARIANTS = 2
-MIN_TISSUE, MAX_TISSUE = 0.15, 0.45                # share of the slide area covered by tissue
+MIN_TISSUE, MAX_TISSUE = 0.08, 0.16                # share of a 40x slide's area covered by tissue
 TUMOUR_REGION_UM, TUMOUR_DETAIL_UM = 200.0, 50.0   # smoothing scales of the tumour/stroma layout
 
 
@@ -280,10 +280,13 @@ def layout_map(spec: SlideSpec) -> tuple[np.ndarray, int]:
         field = np.maximum(field, 1 - ((xx - cx) ** 2 + (yy - cy) ** 2) / r**2)
     level = np.where(edge > 0.01, field + rough - border, -np.inf)
     # Grow or shrink the islands (move the contour level) if the tissue area is far off.
+    # The limits are for a 40x slide; a 20x slide of the same pixel size shows four times the glass
+    # around a section of the same physical size, so a quarter of the share.
+    physical = (0.25 / spec.mpp) ** 2
     coverage = float((level > 0).mean())
     threshold = 0.0
-    if not MIN_TISSUE <= coverage <= MAX_TISSUE:
-        target = MIN_TISSUE if coverage < MIN_TISSUE else MAX_TISSUE
+    if not MIN_TISSUE * physical <= coverage <= MAX_TISSUE * physical:
+        target = (MIN_TISSUE if coverage < MIN_TISSUE * physical else MAX_TISSUE) * physical
         threshold = float(np.quantile(level, 1 - target))
     mask = level > threshold
     alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.8)

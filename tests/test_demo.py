@@ -19,7 +19,14 @@ from sksurv.metrics import concordance_index_censored
 from healnet.cli import main as healnet_main
 from preprocessing.demo import DemoPlan, generate, plan_cohort, slide_files, write_tables
 from preprocessing.demo_omics import CNV_GENES, MUTATION_RATES, OMIC_SIGNAL, RNA_GENES
-from preprocessing.demo_render import BACKGROUND, layout_map, map_tumour_share, write_slide
+from preprocessing.demo_render import (
+    BACKGROUND,
+    MAX_TISSUE,
+    MIN_TISSUE,
+    layout_map,
+    map_tumour_share,
+    write_slide,
+)
 from preprocessing.errors import InputError
 
 SLIDE_NAME = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-01Z-00-DX\d\."
@@ -168,9 +175,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoPlan]:
     out = tmp_path_factory.mktemp("demo") / "SMALL"
     code = healnet_main(["demo", "--out", str(out), "--patients", "8", "--seed", "3",
-                         "--long-side-px", "4096", "--corrupt-slides", "3"])
+                         "--long-side-px", "6144", "--corrupt-slides", "3"])
     assert code == 0
-    return out, plan_cohort(8, 3, 4096, 3)
+    return out, plan_cohort(8, 3, 6144, 3)
 
 
 def test_folder_layout_matches_the_plan(cohort: tuple[Path, DemoPlan]) -> None:
@@ -180,7 +187,7 @@ def test_folder_layout_matches_the_plan(cohort: tuple[Path, DemoPlan]) -> None:
                                                                  "rna.tsv"]
     record = json.loads((out / "cohort.json").read_text())
     params = (record["patients"], record["seed"], record["long_side_px"], record["corrupt_slides"])
-    assert params == (8, 3, 4096, 3)
+    assert params == (8, 3, 6144, 3)
     assert record["slide_files"] == slide_files(plan)
     truth = pd.read_csv(out / "ground_truth.csv")
     assert {"patient", "true_risk", "histology_risk", "omic_risk", "tumour_fraction"} <= set(truth.columns)
@@ -205,7 +212,7 @@ def test_slides_open_as_aperio_with_their_scan_settings(cohort: tuple[Path, Demo
         assert float(props["openslide.mpp-y"]) == pytest.approx(spec.mpp)
         assert float(props["openslide.objective-power"]) == spec.magnification
         assert slide.level_count >= 3
-        assert slide.dimensions == (spec.width, spec.height) and max(slide.dimensions) == 4096
+        assert slide.dimensions == (spec.width, spec.height) and max(slide.dimensions) == 6144
         slide.close()
 
 
@@ -234,7 +241,9 @@ def test_slides_look_like_he_tissue_on_glass(cohort: tuple[Path, DemoPlan]) -> N
         alpha = cv2.resize(layout[..., 0], image.shape[1::-1], interpolation=cv2.INTER_AREA)
         glass, tissue = image[alpha < 0.01].astype(float), image[alpha > 0.99].astype(float)
         np.testing.assert_allclose(glass.mean(0), BACKGROUND, atol=3)
-        assert 0.05 < (alpha > 0.5).mean() < 0.6
+        # a section of about the same physical size: a quarter of the slide's area at 20x
+        physical = (0.25 / spec.mpp) ** 2
+        assert 0.5 * MIN_TISSUE * physical < (alpha > 0.5).mean() < 1.5 * MAX_TISSUE * physical
         r, g, b = tissue.mean(0)
         assert g < r - 30 and g < b - 20   # pink and purple: green absorbed by both stains
         slide.close()
