@@ -44,7 +44,7 @@ OD_E = (np.array([0.15, 0.85, 0.50]) / np.linalg.norm([0.15, 0.85, 0.50])).astyp
 INK_RGB = {"green": (70.0, 150.0, 95.0), "blue": (60.0, 80.0, 175.0), "black": (55.0, 55.0, 65.0)}
 PALE_STRENGTH = 0.55                   # a pale region keeps 45 % of the stain
 N_TEXTURE_VARIANTS = 2
-MIN_TISSUE, MAX_TISSUE = 0.08, 0.16                # share of a 40x slide's area covered by tissue
+MIN_TISSUE, MAX_TISSUE = 0.05, 0.10                # share of a 40x slide's area covered by tissue
 TUMOUR_REGION_UM, TUMOUR_DETAIL_UM = 200.0, 50.0   # smoothing scales of the tumour/stroma layout
 
 
