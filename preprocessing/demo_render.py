@@ -283,11 +283,11 @@ def layout_map(spec: SlideSpec) -> tuple[np.ndarray, int]:
     # The limits are for a 40x slide; a 20x slide of the same pixel size shows four times the glass
     # around a section of the same physical size, so a quarter of the share.
     physical = (0.25 / spec.mpp) ** 2
+    low, high = MIN_TISSUE * physical, MAX_TISSUE * physical
     coverage = float((level > 0).mean())
     threshold = 0.0
-    if not MIN_TISSUE * physical <= coverage <= MAX_TISSUE * physical:
-        target = (MIN_TISSUE if coverage < MIN_TISSUE * physical else MAX_TISSUE) * physical
-        threshold = float(np.quantile(level, 1 - target))
+    if not low <= coverage <= high:
+        threshold = float(np.quantile(level, 1 - (low if coverage < low else high)))
     mask = level > threshold
     alpha = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.8)
 
