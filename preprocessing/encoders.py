@@ -396,7 +396,8 @@ def load_frozen_encoder(path: str | Path) -> Encoder:
                        interpolation=meta["interpolation"], weights_source=meta["weights"],
                        weights_sha256=meta["weights_sha256"])
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
-        raise InputError(path, f"not a frozen encoder file ({type(err).__name__}: {err})") from err
+        reason = (str(err).splitlines() or [""])[0].split(". ")[0][:200]
+        raise InputError(path, f"not a frozen encoder file ({type(err).__name__}: {reason})") from err
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
