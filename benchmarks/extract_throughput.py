@@ -46,7 +46,6 @@ from preprocessing.extract import (
     single_threaded_opencv,
     usable_cores,
 )
-from preprocessing.svs_writer import write_aperio_svs
 from preprocessing.tiles_io import read_tiles, write_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +68,8 @@ def synthetic_slide(path: Path = SYNTHETIC, side: int = 20000) -> Path:
                          pale=False, corrupt=None)
         return write_slide(spec, path)
     except (ImportError, TypeError):
+        from preprocessing.svs_writer import write_aperio_svs  # needs imagecodecs (JPEG tiles)
+
         rng = np.random.default_rng(0)
         texture = np.clip(rng.normal(0, 1, (1024, 1024, 3)).cumsum(0).cumsum(1) / 40, -60, 60)
         texture = (np.array([200, 130, 190]) + texture).clip(0, 255).astype(np.uint8)
@@ -80,8 +81,12 @@ def synthetic_slide(path: Path = SYNTHETIC, side: int = 20000) -> Path:
         return write_aperio_svs(path, side, side * 3 // 4, render, mpp=0.25, app_mag=40)
 
 
-def make_tiles(slide: Path, dest: Path, max_patches: int) -> Path:
-    """Tiles of ``slide`` (at most ``max_patches``, evenly spread) written to ``dest``."""
+def make_tiles(slide: Path, dest: Path, max_patches: int, repeats: int = 1) -> Path:
+    """Tiles of ``slide`` (at most ``max_patches``, evenly spread, then listed ``repeats`` times) -> ``dest``.
+
+    Repeating the list lets a small slide keep a GPU busy long enough to time; every listed patch is
+    still read and decoded (OpenSlide's small tile cache cannot hold a whole pass over the slide).
+    """
     try:
         from preprocessing.tiling import tile_slide
 
@@ -102,6 +107,8 @@ def make_tiles(slide: Path, dest: Path, max_patches: int) -> Path:
     if len(frame) > max_patches:
         keep = np.linspace(0, len(frame) - 1, max_patches).round().astype(int)
         frame = frame.iloc[keep].reset_index(drop=True)
+    if repeats > 1:
+        frame = pd.concat([frame] * repeats, ignore_index=True)
     return write_tiles(dest, frame, meta)
 
 
@@ -136,7 +143,7 @@ def model_only_rate(runner: FeatureRunner, encoder: Encoder, batch_size: int, n_
 
 def measure(slide: Path, encoder: Encoder, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     """a, b, c and the ratio for one slide."""
-    tiles = make_tiles(slide, workdir / f"{slide.stem}.parquet", args.max_patches)
+    tiles = make_tiles(slide, workdir / f"{slide.stem}.parquet", args.max_patches, args.tile_repeats)
     frame, meta = read_tiles(tiles)
     coords = frame[["x", "y"]].to_numpy(np.int64)
     device = resolve_device(args.device)
@@ -181,6 +188,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=usable_cores(),
                         help="torch threads for the model (as `healnet extract --threads`)")
     parser.add_argument("--max-patches", type=int, default=384, help="patches per slide (evenly spread)")
+    parser.add_argument("--tile-repeats", type=int, default=1,
+                        help="list each slide's tiles this many times (keeps a GPU busy on a small slide)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of a, b, c each; the best is kept")
     parser.add_argument("--slides", type=Path, nargs="*", help="slides to use instead of the defaults")
     args = parser.parse_args()
