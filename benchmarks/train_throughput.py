@@ -108,7 +108,7 @@ def one_epoch(
     manifest, training = cohort.tables.manifest, config["training"]
     times, events = manifest["time"].to_numpy(float), manifest["event"].to_numpy(int)
     bins = TimeBins(config["omics"]["n_bins"]).fit(times, events).transform(times)
-    state = fit_omics(cohort.tables.features, cohort.patients, training)
+    state = fit_omics(cohort.tables.features, cohort.patients, training, manifest[["time", "event"]])
     omics, has_omics = state.matrix(cohort.tables.features, cohort.patients)
     dataset = BagDataset(
         omics,

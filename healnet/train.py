@@ -99,18 +99,34 @@ class OmicState:
         return out, present
 
 
-def fit_omics(features: pd.DataFrame, train_patients: Sequence[str], training: dict[str, Any]) -> OmicState:
-    """Fit OmicTransform on the training patients with omics; columns grouped by modality."""
+def fit_omics(
+    features: pd.DataFrame,
+    train_patients: Sequence[str],
+    training: dict[str, Any],
+    survival: pd.DataFrame | None = None,
+) -> OmicState:
+    """Fit OmicTransform on the training patients with omics; columns grouped by modality.
+
+    ``survival`` (``time`` and ``event`` indexed by patient) feeds the supervised screen of
+    ``omic_select_by: cox``; only the training patients' rows of it are read.
+    """
     from preprocessing.omics.transforms import OmicTransform
 
     rows = [p for p in train_patients if p in features.index]
+    select_by = training.get("omic_select_by", "mad")
+    time = event = None
+    if select_by == "cox" and training["omic_max_features"] is not None:
+        if survival is None:
+            raise ValueError("omic_select_by: cox needs the training patients' survival")
+        time = survival.loc[rows, "time"].to_numpy(float)
+        event = survival.loc[rows, "event"].to_numpy(float)
     transform = OmicTransform(
         log_rna="auto",
         scale=True,
         max_features_per_modality=training["omic_max_features"],
-        select_by="mad",
+        select_by=select_by,
         impute="median",
-    ).fit(features.loc[rows])
+    ).fit(features.loc[rows], time, event)
     names = list(transform.feature_names_)
     modalities = getattr(transform, "modalities_", None) or {}
     if not modalities:
@@ -410,7 +426,11 @@ def run_fold(
 
     uses_omics = "omics" in mods and cohort.has_omics.any()
     uses_wsi = "wsi" in mods and cohort.wsi_dim is not None
-    omic_state = fit_omics(cohort.tables.features, train_p, training) if uses_omics else None
+    omic_state = (
+        fit_omics(cohort.tables.features, train_p, training, manifest[["time", "event"]])
+        if uses_omics
+        else None
+    )
     if omic_state is not None:
         omics, has_omics = omic_state.matrix(cohort.tables.features, cohort.patients)
     else:

@@ -8,7 +8,7 @@ import pytest
 
 from preprocessing.omics.labels import TimeBins, fold_time_bins
 from preprocessing.omics.splits import check_splits, generate_splits
-from preprocessing.omics.transforms import OmicTransform, fit_fold
+from preprocessing.omics.transforms import OmicTransform, cox_score_z, fit_fold
 
 
 def cohort(n: int = 120, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -132,3 +132,61 @@ def test_generated_splits_survive_tiny_cohorts() -> None:
                              "time": [1.0, 2, 3, 4, 5, 6], "event": [1, 0, 0, 0, 0, 0]})
     splits = generate_splits(manifest, n_folds=3, seed=0)
     check_splits(splits, manifest["patient"])
+
+
+def _cox_score_z_by_hand(x: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:
+    """Score test of beta = 0 for one covariate, risk sets written out one death at a time."""
+    u = info = 0.0
+    for i in np.flatnonzero(event):
+        at_risk = x[time >= time[i]]
+        u += x[i] - at_risk.mean()
+        info += at_risk.var()
+    return u / np.sqrt(info)
+
+
+def test_cox_score_z_matches_the_textbook_sum_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    time = rng.integers(1, 15, 60).astype(float)  # many tied times
+    event = (rng.random(60) < 0.6).astype(float)
+    x = rng.normal(size=(60, 4))
+    x[:, 0] = -time + rng.normal(0, 2, 60)  # higher value, shorter survival
+    z = cox_score_z(x, time, event)
+    expected = [_cox_score_z_by_hand(x[:, j], time, event) for j in range(4)]
+    np.testing.assert_allclose(z, expected, rtol=1e-9)
+    assert z[0] > 4 and np.all(np.abs(z[1:]) < 3)
+
+
+def test_cox_screen_keeps_prognostic_genes_and_ignores_held_out_labels() -> None:
+    rng = np.random.default_rng(4)
+    n = 80
+    risk = rng.normal(size=n)
+    time = rng.exponential(10 * np.exp(-risk))
+    event = (rng.random(n) < 0.7).astype(int)
+    values = rng.normal(size=(n, 12))
+    values[:, 5] += 2 * risk  # the one prognostic gene, not the most variable one
+    values[:, 0] *= 5  # the most variable gene carries no signal
+    frame = pd.DataFrame(values, columns=[f"rna:G{j}" for j in range(12)])
+    screen = OmicTransform(max_features_per_modality=1, select_by="cox").fit(
+        frame[:60], time[:60], event[:60]
+    )
+    assert screen.feature_names_ == ["rna:G5"]
+    by_mad = OmicTransform(max_features_per_modality=1, select_by="mad").fit(frame[:60])
+    assert by_mad.feature_names_ == ["rna:G0"]
+    # healnet's fold fit reads only the training patients' survival: held-out survival rewritten to
+    # follow gene G3 exactly (which a fit over every row would pick up) changes nothing
+    from healnet.train import fit_omics
+
+    frame.index = pd.Index([f"P{i}" for i in range(n)], name="patient")
+    survival = pd.DataFrame({"time": time, "event": event}, index=frame.index)
+    scrambled = survival.copy()
+    scrambled.iloc[50:] = np.c_[np.exp(-3 * values[50:, 3]), np.ones(n - 50)]
+    leaky = OmicTransform(max_features_per_modality=2, select_by="cox")
+    assert "rna:G3" in leaky.fit(frame, *scrambled.to_numpy().T).feature_names_
+    training = {"omic_max_features": 2, "omic_select_by": "cox"}
+    train = list(frame.index[:50])
+    assert (
+        fit_omics(frame, train, training, survival).columns
+        == fit_omics(frame, train, training, scrambled).columns
+    )
+    with pytest.raises(ValueError, match="needs time and event"):
+        OmicTransform(max_features_per_modality=1, select_by="cox").fit(frame)
