@@ -400,17 +400,22 @@ def load_frozen_encoder(path: str | Path) -> Encoder:
         raise InputError(path, f"not a frozen encoder file ({type(err).__name__}: {reason})") from err
 
 
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--encoder``, ``--weights`` and ``--allow-random-weights``, shared by the commands that build one."""
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
+                        help="efficientnet_lite0 (default), resnet50_trunc, or any timm model name")
+    parser.add_argument("--weights", type=Path, help="local weights file (.pth/.pt/.bin/.safetensors)")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="use random weights when none can be loaded (recorded as 'random')")
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     """``healnet encoder``: build an encoder once and write it frozen for the extraction jobs."""
     parser = argparse.ArgumentParser(
         prog="healnet encoder",
         description="Build an encoder with its weights and save it traced and frozen (TorchScript), so "
                     "that `healnet extract --encoder-file` starts in a fraction of the time on CPU.")
-    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
-                        help="efficientnet_lite0 (default), resnet50_trunc, or any timm model name")
-    parser.add_argument("--weights", type=Path, help="local weights file (.pth/.pt/.bin/.safetensors)")
-    parser.add_argument("--allow-random-weights", action="store_true",
-                        help="use random weights when none can be loaded (recorded as 'random')")
+    add_encoder_arguments(parser)
     parser.add_argument("-o", "--out", type=Path, required=True, help="output file, e.g. encoder.pt")
     args = parser.parse_args(argv)
     encoder = build_encoder(args.encoder, args.weights, args.allow_random_weights)

@@ -51,6 +51,7 @@ from preprocessing.encoders import (
     Encoder,
     Normalise,
     StainNormaliser,
+    add_encoder_arguments,
     build_encoder,
     freeze_model,
     load_frozen_encoder,
@@ -575,11 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("slide", type=Path, help="whole-slide image (.svs, or any format OpenSlide reads)")
     parser.add_argument("tiles", type=Path, help="tiles Parquet file written by `healnet tile`")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output store, e.g. features/X.zarr")
-    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
-                        help="efficientnet_lite0 (default), resnet50_trunc, or any timm model name")
-    parser.add_argument("--weights", type=Path, help="local weights file (.pth/.pt/.bin/.safetensors)")
-    parser.add_argument("--allow-random-weights", action="store_true",
-                        help="use random weights when none can be loaded (recorded as 'random')")
+    add_encoder_arguments(parser)
     parser.add_argument("--encoder-file", type=Path,
                         help="the encoder frozen by `healnet encoder` (used on CPU: saves ~4 s per slide)")
     parser.add_argument("--batch-size", type=int, default=64)
