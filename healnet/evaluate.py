@@ -83,29 +83,33 @@ def summarise(folds: pd.DataFrame) -> pd.DataFrame:
     return table[columns].reset_index(drop=True)
 
 
+SUMMARY_HEADER = ("model", "setting", "c-index", "IPCW c-index", "integrated Brier", "td AUC", "folds")
+SUMMARY_NOTE = (
+    "Mean ± standard deviation over folds (ddof = 0; folds where a metric is undefined are left out). "
+    "Lower is better for the integrated Brier score, higher for the others."
+)
+METRIC_PREFIXES = ("c_index", "ipcw_c_index", "ibs", "td_auc")
+
+
+def summary_cells(row: pd.Series) -> list[str]:
+    """One summary row as the table's texts: model, setting, mean ± std per metric, folds."""
+    metrics = [
+        "n/a" if not np.isfinite(row[f"{m}_mean"]) else f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}"
+        for m in METRIC_PREFIXES
+    ]
+    return [str(row["model"]), str(row["setting"]), *metrics, str(row["n_folds"])]
+
+
 def to_markdown(summary: pd.DataFrame, cohort: str) -> str:
     """A Markdown table, mean ± std per metric, settings in a fixed order, best c-index first."""
-
-    def fmt(mean: float, std: float) -> str:
-        return "n/a" if not np.isfinite(mean) else f"{mean:.3f} ± {std:.3f}"
-
     lines = [
         f"# {cohort}: cross-validated survival models",
         "",
-        "| model | setting | c-index | IPCW c-index | integrated Brier | td AUC | folds |",
-        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join(SUMMARY_HEADER) + " |",
+        "|" + "---|" * len(SUMMARY_HEADER),
     ]
-    for _, r in summary.iterrows():
-        lines.append(
-            f"| {r['model']} | {r['setting']} | {fmt(r['c_index_mean'], r['c_index_std'])} | "
-            f"{fmt(r['ipcw_c_index_mean'], r['ipcw_c_index_std'])} | {fmt(r['ibs_mean'], r['ibs_std'])} | "
-            f"{fmt(r['td_auc_mean'], r['td_auc_std'])} | {r['n_folds']} |"
-        )
-    lines += [
-        "",
-        "Mean ± standard deviation over folds (ddof = 0; folds where a metric is undefined are left out). "
-        "Lower is better for the integrated Brier score, higher for the others.",
-    ]
+    lines += ["| " + " | ".join(summary_cells(r)) + " |" for _, r in summary.iterrows()]
+    lines += ["", SUMMARY_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -125,28 +129,16 @@ p.note { color: #555; max-width: 60em; }
 
 def to_html(summary: pd.DataFrame, cohort: str) -> str:
     """The Markdown table's content as a self-contained HTML page (no scripts, no external files)."""
-
-    def fmt(mean: float, std: float) -> str:
-        return "n/a" if not np.isfinite(mean) else f"{mean:.3f} ± {std:.3f}"
-
-    header = ["model", "setting", "c-index", "IPCW c-index", "integrated Brier", "td AUC", "folds"]
+    numeric = [False, False] + [True] * (len(SUMMARY_HEADER) - 2)
     rows = []
     previous = None
     for _, r in summary.iterrows():
-        cells = [
-            (str(r["model"]), ""),
-            (str(r["setting"]), ""),
-            (fmt(r["c_index_mean"], r["c_index_std"]), "num"),
-            (fmt(r["ipcw_c_index_mean"], r["ipcw_c_index_std"]), "num"),
-            (fmt(r["ibs_mean"], r["ibs_std"]), "num"),
-            (fmt(r["td_auc_mean"], r["td_auc_std"]), "num"),
-            (str(r["n_folds"]), "num"),
-        ]
         # A rule above the first row of each setting, so the settings read as groups.
         first = ' class="first"' if previous is not None and r["setting"] != previous else ""
         previous = r["setting"]
         tds = "".join(
-            f'<td class="{c}">{html.escape(v)}</td>' if c else f"<td>{html.escape(v)}</td>" for v, c in cells
+            f'<td class="num">{html.escape(v)}</td>' if num else f"<td>{html.escape(v)}</td>"
+            for v, num in zip(summary_cells(r), numeric, strict=True)
         )
         rows.append(f"<tr{first}>{tds}</tr>")
     title = f"{cohort}: cross-validated survival models"
@@ -160,13 +152,11 @@ def to_html(summary: pd.DataFrame, cohort: str) -> str:
             "<body>",
             f"<h1>{html.escape(title)}</h1>",
             "<table>",
-            "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>",
+            "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in SUMMARY_HEADER) + "</tr></thead>",
             "<tbody>",
             *rows,
             "</tbody></table>",
-            '<p class="note">Mean ± standard deviation over folds (ddof = 0; folds where a metric is '
-            "undefined are left out). Lower is better for the integrated Brier score, higher for the "
-            "others.</p>",
+            f'<p class="note">{html.escape(SUMMARY_NOTE)}</p>',
             "</body></html>",
             "",
         ]
