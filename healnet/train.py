@@ -113,18 +113,15 @@ def fit_omics(
     from preprocessing.omics.transforms import OmicTransform
 
     rows = [p for p in train_patients if p in features.index]
-    select_by = training.get("omic_select_by", "mad")
     time = event = None
-    if select_by == "cox" and training["omic_max_features"] is not None:
-        if survival is None:
-            raise ValueError("omic_select_by: cox needs the training patients' survival")
+    if survival is not None:  # OmicTransform says so when a cox screen lacks them
         time = survival.loc[rows, "time"].to_numpy(float)
         event = survival.loc[rows, "event"].to_numpy(float)
     transform = OmicTransform(
         log_rna="auto",
         scale=True,
         max_features_per_modality=training["omic_max_features"],
-        select_by=select_by,
+        select_by=training["omic_select_by"],
         impute="median",
     ).fit(features.loc[rows], time, event)
     names = list(transform.feature_names_)
