@@ -3,7 +3,10 @@
 Each held-out patient is run through the checkpoint of the fold that held it out (so the picture shows
 what a model that never saw the patient attended to). The cross-attention weights from the latent
 array to each modality's tokens are averaged over layers, heads and latents, giving one weight per
-patch (drawn over the slide thumbnail) and one per omic token (genes, with ``omic_tokens: gene``).
+patch (drawn over the slide thumbnail) and one per omic token (genes with ``omic_tokens: gene``,
+rna/cnv/mut with ``modality``). Because a token need not be a gene, and a per-fold feature screen
+keeps different genes in different folds, the omic figure also ranks input features by gradient x
+input of the predicted risk, matched by feature name across folds.
 """
 
 from __future__ import annotations
@@ -59,6 +62,21 @@ def _omic_inputs(ckpt: dict[str, Any], features: pd.DataFrame, patients: list[st
     transform = OmicTransform.from_state_dict(ckpt["omic_transform"])
     out = transform.transform(features.loc[patients])
     return out[ckpt["feature_names"]].to_numpy(np.float32)
+
+
+def omic_attribution(model: torch.nn.Module, omics: np.ndarray) -> np.ndarray:
+    """Gradient x input of the risk (-sum of survival) for each omic feature of one patient, WSI absent.
+
+    Positive values push the predicted risk up. Computed with the slide branch skipped so that the
+    number reads as "what the omic input alone contributes" for every patient alike.
+    """
+    from healnet.loss import risk_from_logits
+
+    x = torch.from_numpy(omics)[None].requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(None, None, x, torch.tensor([False]), torch.tensor([True]))
+        risk_from_logits(logits).sum().backward()
+    return (x.grad * x).detach()[0].numpy()
 
 
 def patient_attention(model: torch.nn.Module, ckpt: dict[str, Any], bag: np.ndarray, coords: np.ndarray,
@@ -135,8 +153,8 @@ def draw_attention_figures(models_dir: Path, predictions: pd.DataFrame, omics_di
     features = pd.read_parquet(omics_dir / "features.parquet")
     preds = predictions[predictions["setting"] == "full"]
 
-    omic_rows: list[np.ndarray] = []
-    token_names: list[str] = []
+    omic_rows: list[dict[str, float]] = []       # per patient: token -> attention / uniform attention
+    gene_rows: list[dict[str, float]] = []       # per patient: feature -> |gradient x input|
     panels: list[dict[str, Any]] = []
     wanted = _patients_to_draw(manifest, preds, n_slides)
     for path in checkpoints:
@@ -146,8 +164,7 @@ def draw_attention_figures(models_dir: Path, predictions: pd.DataFrame, omics_di
         omic_of: dict[str, np.ndarray] = {}
         if with_omics and ckpt["feature_names"]:
             omic_of = dict(zip(with_omics, _omic_inputs(ckpt, features, with_omics), strict=True))
-        if omic_of and not token_names:
-            token_names = model.omic_tokenizer.token_names(ckpt["feature_names"])
+        token_names = model.omic_tokenizer.token_names(ckpt["feature_names"]) if omic_of else []
         for patient in test:
             draw = patient in wanted
             if not draw and (patient not in omic_of or len(omic_rows) >= MAX_OMIC_PATIENTS):
@@ -156,7 +173,9 @@ def draw_attention_figures(models_dir: Path, predictions: pd.DataFrame, omics_di
             all_coords = np.concatenate([c for _, c in slide_coords]) if slide_coords else np.zeros((0, 2))
             att = patient_attention(model, ckpt, bag, all_coords, omic_of.get(patient))
             if "omics" in att and len(omic_rows) < MAX_OMIC_PATIENTS:
-                omic_rows.append(att["omics"])
+                omic_rows.append(dict(zip(token_names, att["omics"] * len(token_names), strict=True)))
+                grads = omic_attribution(model, omic_of[patient])
+                gene_rows.append(dict(zip(ckpt["feature_names"], np.abs(grads), strict=True)))
             if draw and "wsi" in att:
                 start = 0
                 for stem, coords in slide_coords:
@@ -165,7 +184,7 @@ def draw_attention_figures(models_dir: Path, predictions: pd.DataFrame, omics_di
                                    "group": wanted[patient]})
                     start += len(coords)
     _draw_wsi_panels(panels[:n_slides], tiles_dir, slides_dir, wsi_path)
-    _draw_omic_bars(omic_rows, token_names, top_features, omics_path)
+    _draw_omic_bars(omic_rows, gene_rows, top_features, omics_path)
 
 
 def _patients_to_draw(manifest: pd.DataFrame, preds: pd.DataFrame, n: int) -> dict[str, str]:
@@ -217,18 +236,29 @@ def _draw_wsi_panels(panels: list[dict[str, Any]], tiles_dir: Path, slides_dir: 
     save_figure(fig, path)
 
 
-def _draw_omic_bars(rows: list[np.ndarray], names: list[str], top: int, path: Path) -> None:
-    if not rows or not names:
+def _mean_by_name(rows: list[dict[str, float]]) -> pd.Series:
+    """Mean per name over the patients whose fold had that name (folds may keep different features)."""
+    return pd.DataFrame(rows).mean(axis=0, skipna=True).sort_values(ascending=False)
+
+
+def _draw_omic_bars(attention: list[dict[str, float]], attribution: list[dict[str, float]], top: int,
+                    path: Path) -> None:
+    if not attention:
         message_figure(path, "HEALNet omic attention", "HEALNet was trained without omics, or no held-out "
                        "patient had omics")
         return
-    mean = np.mean(np.stack(rows), axis=0)
-    order = np.argsort(mean)[::-1][:top]
-    uniform = 1.0 / len(mean)
-    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(order) + 1.4))
-    ax.barh(range(len(order))[::-1], mean[order] / uniform, color="tab:purple")
-    ax.set_yticks(range(len(order))[::-1], [names[i] for i in order], fontsize=8)
-    ax.axvline(1.0, ls="--", color="k", lw=0.8)
-    ax.set_xlabel("mean attention / uniform attention (1 = no preference)")
-    ax.set_title(f"Omic tokens HEALNet attended to most ({len(rows)} held-out patients)")
+    tokens = _mean_by_name(attention).head(top)
+    genes = _mean_by_name(attribution).head(top)
+    rows = max(len(tokens), len(genes))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.32 * rows + 1.8), layout="constrained")
+    left.barh(range(len(tokens))[::-1], tokens.to_numpy(), color="tab:purple")
+    left.set_yticks(range(len(tokens))[::-1], list(tokens.index), fontsize=8)
+    left.axvline(1.0, ls="--", color="k", lw=0.8)
+    left.set_xlabel("mean attention / uniform attention\n(1 = no preference)")
+    left.set_title("Omic tokens attended to most", fontsize=11)
+    right.barh(range(len(genes))[::-1], genes.to_numpy(), color="tab:green")
+    right.set_yticks(range(len(genes))[::-1], list(genes.index), fontsize=8)
+    right.set_xlabel("mean |gradient x input| of the predicted risk")
+    right.set_title("Omic features that moved the risk most", fontsize=11)
+    fig.suptitle(f"HEALNet and the omics of {len(attention)} held-out patients", fontsize=12)
     save_figure(fig, path)

@@ -4,7 +4,8 @@
   with the log-rank p-value (lifelines), one panel per model;
 - ``c_index.png``: c-index per model with one point per fold;
 - ``attention_wsi.png``: HEALNet's per-patch cross-attention drawn over slide thumbnails;
-- ``attention_omics.png``: the omic features HEALNet's omic cross-attention weighted most;
+- ``attention_omics.png``: the omic tokens HEALNet's cross-attention weighted most, and the omic
+  features whose gradient x input moved its predicted risk most;
 - ``failed_slides.csv`` (beside the figures folder): slides that gave no patches, and why.
 
 The Snakemake rule ``report`` runs this; ``snakemake --report report.html`` then collects the figures,
