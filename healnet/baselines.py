@@ -156,7 +156,7 @@ class EarlyFusionPerceiver(nn.Module):
         attn_dropout: float = 0.1,
         ff_dropout: float = 0.1,
         snn_feedforward: bool = False,
-        omic_tokens: str = "gene",
+        omic_tokens: str = "modality",
         omic_token_dim: int = 32,
         omic_chunk_size: int = 64,
     ) -> None:

@@ -12,11 +12,16 @@ slide in a mixed batch gets the same output as that sample alone with ``wsi=None
 
 Tokens: one token per WSI patch (feature dim as channels); omics tokenised by ``omic_tokens``:
 
-- ``gene`` (default): one token per omic feature, ``value * w_g + b_g`` with per-feature embeddings
-  (FT-Transformer-like). Attention is then per gene, so the attention weights name the genes the model
-  looked at; the per-feature bias doubles as a gene identity embedding. This is the default because it
-  makes omic attention meaningful (the point of reporting it) and keeps the L1 penalty per gene.
-- ``modality``: one token per omic group (rna, cnv, mut), each projected by its own linear layer.
+- ``modality`` (default): one token per omic group (rna, cnv, mut), each a linear projection of that
+  group's (screened) features. Each token is then a learned linear score of its modality, close to
+  what a Cox model fits, and the latents attend over modalities. It is the default because at the
+  sizes of most TCGA cohorts (tens of deaths per training fold) it generalised better than per-gene
+  tokens: with the same 8-per-modality Cox screen, on three independent demo-generator cohorts,
+  HEALNet's c-index averaged 0.704 against 0.671 with gene tokens (omics only 0.655 against 0.594).
+  Which genes mattered is read from gradient x input in the report (``healnet.explain``).
+- ``gene``: one token per omic feature, ``value * w_g + b_g`` with per-feature embeddings
+  (FT-Transformer-like). Attention is then per gene, so the attention weights name genes; it has
+  more freedom to fit noise when events are few.
 - ``chunk``: consecutive fixed-size chunks of the feature vector, each with its own projection.
 - ``single``: all omics as one token, as the published code does (omic attention is then trivial).
 """
@@ -272,7 +277,7 @@ class HEALNet(nn.Module):
         attn_dropout: float = 0.1,
         ff_dropout: float = 0.1,
         snn_feedforward: bool = False,
-        omic_tokens: str = "gene",
+        omic_tokens: str = "modality",
         omic_token_dim: int = 32,
         omic_chunk_size: int = 64,
     ) -> None:

@@ -193,7 +193,8 @@ def test_checkpoint_reproduces_the_saved_predictions(
 
     omics_dir, features_dir, _ = cohort
     model, ckpt = train.load_checkpoint(healnet_run / "models" / "healnet" / "fold1.pt")
-    assert ckpt["wsi_dim"] == DIM and ckpt["fold"] == 1 and len(ckpt["feature_names"]) == 15
+    # the default screen keeps 8 of the 10 rna columns (cox score on the training fold) and all 5 cnv
+    assert ckpt["wsi_dim"] == DIM and ckpt["fold"] == 1 and len(ckpt["feature_names"]) == 8 + 5
     transform = OmicTransform.from_state_dict(ckpt["omic_transform"])
     feats = pd.read_parquet(omics_dir / "features.parquet")
     preds = pd.read_parquet(healnet_run / "results" / "healnet" / "predictions.parquet")
