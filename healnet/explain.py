@@ -237,8 +237,9 @@ def _draw_wsi_panels(panels: list[dict[str, Any]], tiles_dir: Path, slides_dir: 
 
 
 def _mean_by_name(rows: list[dict[str, float]]) -> pd.Series:
-    """Mean per name over the patients whose fold had that name (folds may keep different features)."""
-    return pd.DataFrame(rows).mean(axis=0, skipna=True).sort_values(ascending=False)
+    """Mean per name over all patients; a name absent from a patient's fold (its screen dropped that
+    feature, so it had no influence there) counts as 0."""
+    return pd.DataFrame(rows).fillna(0.0).mean(axis=0).sort_values(ascending=False)
 
 
 def _draw_omic_bars(attention: list[dict[str, float]], attribution: list[dict[str, float]], top: int,
