@@ -89,7 +89,7 @@ def test_padding_tokens_do_not_change_outputs(name: str) -> None:
 
 
 def test_attention_is_returned_per_layer_and_modality_and_respects_masks() -> None:
-    model = healnet(depth=3, cross_heads=2)
+    model = healnet(depth=3, cross_heads=2, omic_tokens="gene")
     b = make_batch()
     with torch.no_grad():
         logits, attn = run(model, b, return_attention=True)
