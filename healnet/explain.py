@@ -242,6 +242,14 @@ def _mean_by_name(rows: list[dict[str, float]]) -> pd.Series:
     return pd.DataFrame(rows).fillna(0.0).mean(axis=0).sort_values(ascending=False)
 
 
+def _bar_panel(ax: plt.Axes, values: pd.Series, colour: str, xlabel: str, title: str) -> None:
+    """Horizontal bars of ``values``, largest on top, labelled by its index."""
+    ax.barh(range(len(values))[::-1], values.to_numpy(), color=colour)
+    ax.set_yticks(range(len(values))[::-1], list(values.index), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=11)
+
+
 def _draw_omic_bars(attention: list[dict[str, float]], attribution: list[dict[str, float]], top: int,
                     path: Path) -> None:
     if not attention:
@@ -252,14 +260,10 @@ def _draw_omic_bars(attention: list[dict[str, float]], attribution: list[dict[st
     genes = _mean_by_name(attribution).head(top)
     rows = max(len(tokens), len(genes))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.32 * rows + 1.8), layout="constrained")
-    left.barh(range(len(tokens))[::-1], tokens.to_numpy(), color="tab:purple")
-    left.set_yticks(range(len(tokens))[::-1], list(tokens.index), fontsize=8)
+    _bar_panel(left, tokens, "tab:purple", "mean attention / uniform attention\n(1 = no preference)",
+               "Omic tokens attended to most")
     left.axvline(1.0, ls="--", color="k", lw=0.8)
-    left.set_xlabel("mean attention / uniform attention\n(1 = no preference)")
-    left.set_title("Omic tokens attended to most", fontsize=11)
-    right.barh(range(len(genes))[::-1], genes.to_numpy(), color="tab:green")
-    right.set_yticks(range(len(genes))[::-1], list(genes.index), fontsize=8)
-    right.set_xlabel("mean |gradient x input| of the predicted risk")
-    right.set_title("Omic features that moved the risk most", fontsize=11)
+    _bar_panel(right, genes, "tab:green", "mean |gradient x input| of the predicted risk",
+               "Omic features that moved the risk most")
     fig.suptitle(f"HEALNet and the omics of {len(attention)} held-out patients", fontsize=12)
     save_figure(fig, path)

@@ -103,7 +103,7 @@ def fit_omics(
     features: pd.DataFrame,
     train_patients: Sequence[str],
     training: dict[str, Any],
-    survival: pd.DataFrame | None = None,
+    survival: pd.DataFrame,
 ) -> OmicState:
     """Fit OmicTransform on the training patients with omics; columns grouped by modality.
 
@@ -113,10 +113,8 @@ def fit_omics(
     from preprocessing.omics.transforms import OmicTransform
 
     rows = [p for p in train_patients if p in features.index]
-    time = event = None
-    if survival is not None:  # OmicTransform says so when a cox screen lacks them
-        time = survival.loc[rows, "time"].to_numpy(float)
-        event = survival.loc[rows, "event"].to_numpy(float)
+    time = survival.loc[rows, "time"].to_numpy(float)
+    event = survival.loc[rows, "event"].to_numpy(float)
     transform = OmicTransform(
         log_rna="auto",
         scale=True,
