@@ -23,10 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from healnet.model import (
-    CrossBlock,
+    LATENT_KEYS,
     HEALNet,
-    OmicTokenizer,
-    SelfBlock,
+    LatentSettings,
     fourier_features,
     normalise_coords,
 )
@@ -131,7 +130,8 @@ class GatedABMIL(nn.Module):
 class EarlyFusionPerceiver(nn.Module):
     """Perceiver over ONE token sequence: projected WSI patch tokens followed by projected omic tokens.
 
-    Missing modalities are masked out of that sequence per sample; settings mirror HEALNet's.
+    Missing modalities are masked out of that sequence per sample. Arguments are HEALNet's: the
+    :class:`~healnet.model.LatentSettings` keywords, whose names and defaults live there.
     """
 
     def __init__(
@@ -141,72 +141,26 @@ class EarlyFusionPerceiver(nn.Module):
         n_omics: int | None,
         n_bins: int = 4,
         omic_groups: Sequence[tuple[str, int]] | None = None,
-        depth: int = 2,
-        n_latents: int = 16,
-        latent_dim: int = 64,
-        cross_heads: int = 1,
-        cross_dim_head: int = 64,
-        latent_heads: int = 8,
-        latent_dim_head: int = 32,
-        self_per_cross_attn: int = 1,
-        weight_sharing: bool = False,
-        fourier_encode: bool = False,
-        num_freq_bands: int = 4,
-        max_freq: float = 10.0,
-        attn_dropout: float = 0.1,
-        ff_dropout: float = 0.1,
-        snn_feedforward: bool = False,
-        omic_tokens: str = "modality",
-        omic_token_dim: int = 32,
-        omic_chunk_size: int = 64,
+        **settings: Any,
     ) -> None:
         super().__init__()
+        s = self.settings = LatentSettings.parse(type(self).__name__, settings)
         if wsi_dim is None and n_omics is None:
             raise ValueError("the Perceiver needs at least one modality")
-        self.depth, self.fourier = depth, fourier_encode
-        self.num_freq_bands, self.max_freq = num_freq_bands, max_freq
-        per_dim = 2 * num_freq_bands + 1 if fourier_encode else 0
-        self.wsi_proj = nn.Linear(wsi_dim + 2 * per_dim, latent_dim) if wsi_dim is not None else None
+        self.wsi_proj = nn.Linear(wsi_dim + 2 * s.fourier_dim, s.latent_dim) if wsi_dim is not None else None
         if n_omics is not None:
-            self.omic_tokenizer = OmicTokenizer(
-                omic_tokens, n_omics, omic_token_dim, omic_groups, omic_chunk_size
-            )
-            self.omic_proj = nn.Linear(omic_token_dim + per_dim, latent_dim)
+            self.omic_tokenizer = s.omic_tokenizer(n_omics, omic_groups)
+            self.omic_proj = nn.Linear(s.omic_token_dim + s.fourier_dim, s.latent_dim)
         else:
             self.omic_tokenizer = None
-        self.type_embedding = nn.Parameter(torch.randn(2, latent_dim) * 0.02)
-        self.latents = nn.Parameter(torch.randn(n_latents, latent_dim))
-
-        def make_layer() -> nn.ModuleDict:
-            return nn.ModuleDict(
-                {
-                    "cross": CrossBlock(
-                        latent_dim,
-                        latent_dim,
-                        cross_heads,
-                        cross_dim_head,
-                        attn_dropout,
-                        ff_dropout,
-                        snn_feedforward,
-                    ),
-                    "self": nn.ModuleList(
-                        SelfBlock(
-                            latent_dim,
-                            latent_heads,
-                            latent_dim_head,
-                            attn_dropout,
-                            ff_dropout,
-                            snn_feedforward,
-                        )
-                        for _ in range(self_per_cross_attn)
-                    ),
-                }
-            )
-
-        n_unique = min(depth, 2) if weight_sharing else depth
-        self.layers = nn.ModuleList(make_layer() for _ in range(n_unique))
-        self.layer_map = [min(i, n_unique - 1) for i in range(depth)]
-        self.head = nn.Sequential(nn.LayerNorm(latent_dim), nn.Linear(latent_dim, n_bins))
+        self.type_embedding = nn.Parameter(torch.randn(2, s.latent_dim) * 0.02)
+        self.latents = nn.Parameter(torch.randn(s.n_latents, s.latent_dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"cross": s.cross_block(s.latent_dim), "self": s.self_blocks()})
+            for _ in range(s.n_unique_layers)
+        )
+        self.layer_map = s.layer_map()
+        self.head = nn.Sequential(nn.LayerNorm(s.latent_dim), nn.Linear(s.latent_dim, n_bins))
 
     def forward(
         self,
@@ -219,6 +173,7 @@ class EarlyFusionPerceiver(nn.Module):
         wsi_coords: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
         """Hazard logits; attention split back into ``wsi`` and ``omics`` parts per layer."""
+        s = self.settings
         batch = has_wsi.shape[0]
         tokens: list[Tensor] = []
         masks: list[Tensor] = []
@@ -226,17 +181,17 @@ class EarlyFusionPerceiver(nn.Module):
         if self.wsi_proj is not None and wsi is not None and wsi.shape[1] > 0:
             x = wsi.float()
             mask = _real_tokens(wsi_mask, wsi)
-            if self.fourier:
+            if s.fourier_encode:
                 pos = normalise_coords(wsi_coords, mask)
-                x = torch.cat([x, fourier_features(pos, self.num_freq_bands, self.max_freq)], dim=-1)
+                x = torch.cat([x, fourier_features(pos, s.num_freq_bands, s.max_freq)], dim=-1)
             tokens.append(self.wsi_proj(x) + self.type_embedding[0])
             masks.append(mask & has_wsi.bool()[:, None])
             sizes["wsi"] = x.shape[1]
         if self.omic_tokenizer is not None and omics is not None:
             x = self.omic_tokenizer(omics.float())
-            if self.fourier:
+            if s.fourier_encode:
                 pos = torch.linspace(-1, 1, x.shape[1], device=x.device).unsqueeze(-1)
-                feats = fourier_features(pos, self.num_freq_bands, self.max_freq)
+                feats = fourier_features(pos, s.num_freq_bands, s.max_freq)
                 x = torch.cat([x, feats.expand(batch, -1, -1)], dim=-1)
             tokens.append(self.omic_proj(x) + self.type_embedding[1])
             masks.append(has_omics.bool()[:, None].expand(-1, x.shape[1]))
@@ -248,8 +203,8 @@ class EarlyFusionPerceiver(nn.Module):
         mask = mask | ~mask.any(dim=1, keepdim=True)  # no modality at all: finite output, imputed by caller
         latents = self.latents.unsqueeze(0).expand(batch, -1, -1)
         attention: dict[str, list[Tensor]] = {m: [] for m in sizes}
-        for i in range(self.depth):
-            layer = self.layers[self.layer_map[i]]
+        for i in self.layer_map:
+            layer = self.layers[i]
             latents, attn = layer["cross"](latents, context, mask)
             for block in layer["self"]:
                 latents = block(latents)
@@ -334,26 +289,8 @@ class LateFusion(nn.Module):
         return self.snn.l1_penalty() if self.snn is not None else self.fuse.weight.new_zeros(())
 
 
-HEALNET_KEYS = (
-    "depth",
-    "n_latents",
-    "latent_dim",
-    "cross_heads",
-    "cross_dim_head",
-    "latent_heads",
-    "latent_dim_head",
-    "self_per_cross_attn",
-    "weight_sharing",
-    "fourier_encode",
-    "num_freq_bands",
-    "max_freq",
-    "attn_dropout",
-    "ff_dropout",
-    "snn_feedforward",
-    "omic_tokens",
-    "omic_token_dim",
-    "omic_chunk_size",
-)
+# healnet: config keys copied into HEALNet and Perceiver specs
+HEALNET_KEYS = LATENT_KEYS
 
 
 def model_spec(

@@ -29,7 +29,9 @@ Tokens: one token per WSI patch (feature dim as channels); omics tokenised by ``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -247,12 +249,101 @@ class OmicTokenizer(nn.Module):
         return self.proj.weight.abs().sum()
 
 
+@dataclass(frozen=True)
+class LatentSettings:
+    """Latent-array, fusion-layer and omic-token settings shared by HEALNet and the early-fusion Perceiver.
+
+    The one place these names and their defaults are written (they mirror the ``healnet:`` config
+    section): both constructors take them as keywords, and the config keys copied into a model spec
+    (``baselines.HEALNET_KEYS``) are these field names.
+    """
+
+    depth: int = 2
+    n_latents: int = 16
+    latent_dim: int = 64
+    cross_heads: int = 1
+    cross_dim_head: int = 64
+    latent_heads: int = 8
+    latent_dim_head: int = 32
+    self_per_cross_attn: int = 1
+    weight_sharing: bool = False
+    fourier_encode: bool = False
+    num_freq_bands: int = 4
+    max_freq: float = 10.0
+    attn_dropout: float = 0.1
+    ff_dropout: float = 0.1
+    snn_feedforward: bool = False
+    omic_tokens: str = "modality"
+    omic_token_dim: int = 32
+    omic_chunk_size: int = 64
+
+    @classmethod
+    def parse(cls, owner: str, settings: Mapping[str, Any]) -> LatentSettings:
+        """Settings from a constructor's keywords; an unknown name is a TypeError, as in a plain signature."""
+        unknown = sorted(set(settings) - set(LATENT_KEYS))
+        if unknown:
+            raise TypeError(
+                f"{owner}() got unexpected keyword argument(s) {unknown}; "
+                f"latent settings are {', '.join(LATENT_KEYS)}"
+            )
+        return cls(**settings)
+
+    @property
+    def fourier_dim(self) -> int:
+        """Fourier features per position dimension (0 without Fourier encoding)."""
+        return 2 * self.num_freq_bands + 1 if self.fourier_encode else 0
+
+    @property
+    def n_unique_layers(self) -> int:
+        """Layers with their own weights: with weight sharing (Perceiver style, as in the published
+        code) layer 0 has its own weights and layers 1..depth-1 reuse one set."""
+        return min(self.depth, 2) if self.weight_sharing else self.depth
+
+    def layer_map(self) -> list[int]:
+        """Index of the unique layer that each of the ``depth`` fusion layers runs."""
+        return [min(i, self.n_unique_layers - 1) for i in range(self.depth)]
+
+    def omic_tokenizer(self, n_omics: int, groups: Sequence[tuple[str, int]] | None) -> OmicTokenizer:
+        """The omic tokenizer these settings describe."""
+        return OmicTokenizer(self.omic_tokens, n_omics, self.omic_token_dim, groups, self.omic_chunk_size)
+
+    def cross_block(self, context_dim: int) -> CrossBlock:
+        """One latents-to-tokens cross-attention block over tokens of width ``context_dim``."""
+        return CrossBlock(
+            self.latent_dim,
+            context_dim,
+            self.cross_heads,
+            self.cross_dim_head,
+            self.attn_dropout,
+            self.ff_dropout,
+            self.snn_feedforward,
+        )
+
+    def self_blocks(self) -> nn.ModuleList:
+        """The ``self_per_cross_attn`` latent self-attention blocks that follow a cross-attention."""
+        return nn.ModuleList(
+            SelfBlock(
+                self.latent_dim,
+                self.latent_heads,
+                self.latent_dim_head,
+                self.attn_dropout,
+                self.ff_dropout,
+                self.snn_feedforward,
+            )
+            for _ in range(self.self_per_cross_attn)
+        )
+
+
+LATENT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(LatentSettings))
+
+
 class HEALNet(nn.Module):
     """HEALNet over two modalities, WSI patch tokens and omics (see module docstring).
 
-    Args mirror the ``healnet:`` config section; ``wsi_dim`` is the patch feature dim (None: an
-    omics-only HEALNet), ``n_omics`` the omic vector length (None: WSI only), ``omic_groups``
-    (modality, n_features) in column order.
+    ``wsi_dim`` is the patch feature dim (None: an omics-only HEALNet), ``n_omics`` the omic vector
+    length (None: WSI only), ``omic_groups`` (modality, n_features) in column order. ``settings`` are
+    the :class:`LatentSettings` keywords (``depth=2``, ``omic_tokens="modality"``, ...); their names
+    and defaults live there.
     """
 
     def __init__(
@@ -262,82 +353,32 @@ class HEALNet(nn.Module):
         n_omics: int | None,
         n_bins: int = 4,
         omic_groups: Sequence[tuple[str, int]] | None = None,
-        depth: int = 2,
-        n_latents: int = 16,
-        latent_dim: int = 64,
-        cross_heads: int = 1,
-        cross_dim_head: int = 64,
-        latent_heads: int = 8,
-        latent_dim_head: int = 32,
-        self_per_cross_attn: int = 1,
-        weight_sharing: bool = False,
-        fourier_encode: bool = False,
-        num_freq_bands: int = 4,
-        max_freq: float = 10.0,
-        attn_dropout: float = 0.1,
-        ff_dropout: float = 0.1,
-        snn_feedforward: bool = False,
-        omic_tokens: str = "modality",
-        omic_token_dim: int = 32,
-        omic_chunk_size: int = 64,
+        **settings: Any,
     ) -> None:
         super().__init__()
+        s = self.settings = LatentSettings.parse(type(self).__name__, settings)
         if wsi_dim is None and n_omics is None:
             raise ValueError("HEALNet needs at least one modality")
-        self.wsi_dim, self.n_omics, self.depth = wsi_dim, n_omics, depth
-        self.fourier = fourier_encode
-        self.num_freq_bands, self.max_freq = num_freq_bands, max_freq
-        per_dim = 2 * num_freq_bands + 1 if fourier_encode else 0
+        self.wsi_dim, self.n_omics = wsi_dim, n_omics
         self.modalities: list[str] = []
         context_dims: dict[str, int] = {}
         if wsi_dim is not None:
             self.modalities.append("wsi")
-            context_dims["wsi"] = wsi_dim + 2 * per_dim
+            context_dims["wsi"] = wsi_dim + 2 * s.fourier_dim
         if n_omics is not None:
             self.modalities.append("omics")
-            self.omic_tokenizer = OmicTokenizer(
-                omic_tokens, n_omics, omic_token_dim, omic_groups, omic_chunk_size
-            )
-            context_dims["omics"] = omic_token_dim + per_dim
-        self.latents = nn.Parameter(torch.randn(n_latents, latent_dim))
+            self.omic_tokenizer = s.omic_tokenizer(n_omics, omic_groups)
+            context_dims["omics"] = s.omic_token_dim + s.fourier_dim
+        self.latents = nn.Parameter(torch.randn(s.n_latents, s.latent_dim))
 
         def make_layer() -> nn.ModuleDict:
-            return nn.ModuleDict(
-                {
-                    "cross": nn.ModuleDict(
-                        {
-                            m: CrossBlock(
-                                latent_dim,
-                                context_dims[m],
-                                cross_heads,
-                                cross_dim_head,
-                                attn_dropout,
-                                ff_dropout,
-                                snn_feedforward,
-                            )
-                            for m in self.modalities
-                        }
-                    ),
-                    "self": nn.ModuleList(
-                        SelfBlock(
-                            latent_dim,
-                            latent_heads,
-                            latent_dim_head,
-                            attn_dropout,
-                            ff_dropout,
-                            snn_feedforward,
-                        )
-                        for _ in range(self_per_cross_attn)
-                    ),
-                }
-            )
+            # one cross-attention per modality (own weights), then self-attention shared across them
+            cross = nn.ModuleDict({m: s.cross_block(context_dims[m]) for m in self.modalities})
+            return nn.ModuleDict({"cross": cross, "self": s.self_blocks()})
 
-        # Weight sharing as in the published code (Perceiver style): layer 0 has its own weights and
-        # layers 1..depth-1 reuse one set.
-        n_unique = min(depth, 2) if weight_sharing else depth
-        self.layers = nn.ModuleList(make_layer() for _ in range(n_unique))
-        self.layer_map = [min(i, n_unique - 1) for i in range(depth)]
-        self.head = nn.Sequential(nn.LayerNorm(latent_dim), nn.Linear(latent_dim, n_bins))
+        self.layers = nn.ModuleList(make_layer() for _ in range(s.n_unique_layers))
+        self.layer_map = s.layer_map()
+        self.head = nn.Sequential(nn.LayerNorm(s.latent_dim), nn.Linear(s.latent_dim, n_bins))
 
     def _contexts(
         self,
@@ -349,6 +390,7 @@ class HEALNet(nn.Module):
         has_omics: Tensor,
     ) -> dict[str, tuple[Tensor | None, Tensor | None, Tensor]]:
         """Per modality: (tokens or None, token mask or None, per-sample presence)."""
+        s = self.settings
         out: dict[str, tuple[Tensor | None, Tensor | None, Tensor]] = {}
         if "wsi" in self.modalities:
             if wsi is None or wsi.shape[1] == 0:
@@ -356,11 +398,11 @@ class HEALNet(nn.Module):
             else:
                 wsi = wsi.float()
                 present = has_wsi if wsi_mask is None else has_wsi & wsi_mask.any(dim=1)
-                if self.fourier:
+                if s.fourier_encode:
                     if wsi_coords is None:
                         raise ValueError("fourier_encode needs wsi_coords")
                     pos = normalise_coords(wsi_coords, wsi_mask)
-                    wsi = torch.cat([wsi, fourier_features(pos, self.num_freq_bands, self.max_freq)], dim=-1)
+                    wsi = torch.cat([wsi, fourier_features(pos, s.num_freq_bands, s.max_freq)], dim=-1)
                 if wsi_mask is not None:
                     # a sample without real tokens attends to its padding (finite); its update is discarded
                     wsi_mask = wsi_mask | ~wsi_mask.any(dim=1, keepdim=True)
@@ -370,9 +412,9 @@ class HEALNet(nn.Module):
                 out["omics"] = (None, None, torch.zeros_like(has_omics))
             else:
                 tokens = self.omic_tokenizer(omics.float())
-                if self.fourier:
+                if s.fourier_encode:
                     pos = torch.linspace(-1, 1, tokens.shape[1], device=tokens.device).unsqueeze(-1)
-                    feats = fourier_features(pos, self.num_freq_bands, self.max_freq)
+                    feats = fourier_features(pos, s.num_freq_bands, s.max_freq)
                     tokens = torch.cat([tokens, feats.expand(tokens.shape[0], -1, -1)], dim=-1)
                 out["omics"] = (tokens, None, has_omics)
         return out
@@ -397,8 +439,8 @@ class HEALNet(nn.Module):
         batch = has_wsi.shape[0]
         latents = self.latents.unsqueeze(0).expand(batch, -1, -1)
         attention: dict[str, list[Tensor]] = {m: [] for m in self.modalities}
-        for i in range(self.depth):
-            layer = self.layers[self.layer_map[i]]
+        for i in self.layer_map:
+            layer = self.layers[i]
             for m in self.modalities:
                 tokens, mask, present = contexts[m]
                 if tokens is not None and bool(present.any()):

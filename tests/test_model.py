@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from healnet.baselines import MODEL_MODALITIES, build_model, model_spec
-from healnet.model import HEALNet
+from healnet.model import HEALNet, LatentSettings
 
 D, F_RNA, F_CNV = 24, 12, 8
 GROUPS = [("rna", F_RNA), ("cnv", F_CNV)]
@@ -111,6 +111,24 @@ def test_weight_sharing_ties_layers_after_the_first() -> None:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(tied) == count(two) < count(free)
     assert tied.layer_map == [0, 1, 1]
+
+
+@pytest.mark.parametrize("name", ["healnet", "perceiver"])
+def test_latent_settings_are_keywords_with_one_set_of_defaults(name: str) -> None:
+    spec = model_spec(
+        name,
+        n_bins=4,
+        wsi_dim=D,
+        n_omics=None,
+        omic_groups=None,
+        healnet_cfg={"depth": 3, "not_a_setting": 1},
+        training_cfg={},
+    )
+    assert set(spec["kwargs"]) == {"depth", "wsi_dim", "n_omics", "n_bins", "omic_groups"}
+    model = build_model(spec)
+    assert model.settings == LatentSettings(depth=3)
+    with pytest.raises(TypeError, match="dept"):
+        build_model({"name": name, "kwargs": {**spec["kwargs"], "dept": 3}})
 
 
 def test_no_self_attention_and_snn_feedforward_options_run() -> None:
