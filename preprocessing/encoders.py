@@ -49,7 +49,8 @@ class Encoder:
     ``model`` maps a normalised float batch (N, 3, H, W) to features (N, feature_dim).
     ``weights_source`` says where the weights came from (``package:…``, a file path, ``hf-hub:…``
     or ``"random"``); ``weights_sha256`` is the hash of the weights file (of the loaded tensors when
-    the hub's file cannot be located; None for random weights).
+    the hub's file cannot be located; None for random weights). ``weights_given`` is True when the
+    weights came from a file the user named rather than from the encoder's default source.
     """
 
     name: str
@@ -61,6 +62,7 @@ class Encoder:
     interpolation: str
     weights_source: str
     weights_sha256: str | None
+    weights_given: bool = False
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description for the feature store's attributes."""
@@ -333,6 +335,7 @@ def build_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None
         name=name, model=model, feature_dim=int(model.num_features), input_size=(int(height), int(width)),
         mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
         interpolation=str(config.get("interpolation", "bilinear")), weights_source=source, weights_sha256=sha,
+        weights_given=weights is not None,
     )
 
 
@@ -366,6 +369,7 @@ def freeze_model(model: nn.Module, input_size: tuple[int, int]) -> torch.jit.Scr
 
 
 FROZEN_META = "encoder.json"
+FROZEN_FORMAT = 2  # 2: the meta says whether the weights were a user's file (weights_given)
 
 
 def save_frozen_encoder(encoder: Encoder, path: str | Path) -> None:
@@ -379,7 +383,8 @@ def save_frozen_encoder(encoder: Encoder, path: str | Path) -> None:
     if frozen is None:
         raise InputError(encoder.name, "this encoder cannot be traced and frozen; run extraction without "
                                        "--encoder-file")
-    meta = {**encoder.describe(), "format": 1, "torch": torch.__version__}
+    meta = {**encoder.describe(), "weights_given": encoder.weights_given, "format": FROZEN_FORMAT,
+            "torch": torch.__version__}
     torch.jit.save(frozen, str(path), _extra_files={FROZEN_META: json.dumps(meta)})
 
 
@@ -390,11 +395,14 @@ def load_frozen_encoder(path: str | Path) -> Encoder:
     try:
         model = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
         meta = json.loads(files[FROZEN_META])
+        if meta.get("format") != FROZEN_FORMAT:
+            raise InputError(path, f"frozen encoder format {meta.get('format')} is not {FROZEN_FORMAT}; "
+                                   "remake it with `healnet encoder` (in the workflow, delete it)")
         height, width = meta["input_size"]
         return Encoder(name=meta["encoder"], model=model, feature_dim=int(meta["feature_dim"]),
                        input_size=(int(height), int(width)), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
                        interpolation=meta["interpolation"], weights_source=meta["weights"],
-                       weights_sha256=meta["weights_sha256"])
+                       weights_sha256=meta["weights_sha256"], weights_given=bool(meta["weights_given"]))
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
         reason = (str(err).splitlines() or [""])[0].split(". ")[0][:200]
         raise InputError(path, f"not a frozen encoder file ({type(err).__name__}: {reason})") from err

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from preprocessing.atomic import atomic_output, remove_path
 from preprocessing.encoders import (
     DEFAULT_ENCODER,
+    RANDOM,
     STAIN_METHODS,
     Encoder,
     Normalise,
@@ -489,10 +490,14 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
         enc = encoder
     elif encoder_file is not None and torch_device.type == "cpu":
         enc = load_frozen_encoder(encoder_file)
-        if enc.name != encoder or (weights is not None and enc.weights_source != str(weights)):
+        same_weights = enc.weights_given == (weights is not None) and (
+            weights is None or enc.weights_source == str(weights))
+        if enc.name != encoder or not same_weights:
             wanted = str(weights) if weights else "its default weights"
             raise InputError(encoder_file, f"holds encoder {enc.name!r} with weights {enc.weights_source!r}, "
                                            f"not {encoder!r} with {wanted}")
+        if enc.weights_source == RANDOM and not allow_random_weights:
+            raise InputError(encoder_file, "holds RANDOM weights; pass --allow-random-weights to use them")
     else:
         enc = build_encoder(encoder, weights, allow_random_weights)
     stain = StainNormaliser(stain_norm, stain_reference) if stain_norm else None

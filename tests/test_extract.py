@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -23,7 +24,15 @@ import zarr
 from torch import nn
 
 from healnet.cli import main as healnet_main
-from preprocessing.encoders import Encoder, Normalise, build_encoder, resize_patch, rgba_to_rgb, sha256_file
+from preprocessing.encoders import (
+    Encoder,
+    Normalise,
+    build_encoder,
+    resize_patch,
+    rgba_to_rgb,
+    save_frozen_encoder,
+    sha256_file,
+)
 from preprocessing.errors import InputError
 from preprocessing.extract import FeatureRunner, batch_indices, cli, extract_slide, is_complete, read_store
 from preprocessing.svs_writer import write_svs_from_array
@@ -322,6 +331,19 @@ def test_frozen_encoder_file_gives_the_same_store_and_is_checked(data, encoder, 
     with pytest.raises(InputError, match="holds encoder 'efficientnet_lite0'"):
         extract_slide(data["slide"], data["tiles"], tmp_path / "x.zarr", encoder="resnet50_trunc",
                       encoder_file=frozen, device="cpu", progress=False)
+    # A frozen file made from a user's weights file, or with random weights, is refused unless the
+    # extraction asks for exactly that.
+    custom = tmp_path / "custom.pt"
+    save_frozen_encoder(replace(encoder, weights_source="/weights/own.pth", weights_given=True), custom)
+    with pytest.raises(InputError, match="'/weights/own.pth', not 'efficientnet_lite0' with its default"):
+        extract_slide(data["slide"], data["tiles"], tmp_path / "c.zarr", encoder_file=custom, device="cpu",
+                      progress=False)
+    random = tmp_path / "random.pt"
+    save_frozen_encoder(replace(encoder, weights_source="random", weights_sha256=None), random)
+    with pytest.raises(InputError, match="holds RANDOM weights"):
+        extract_slide(data["slide"], data["tiles"], tmp_path / "r.zarr", encoder_file=random, device="cpu",
+                      progress=False)
+    assert not (tmp_path / "c.zarr").exists() and not (tmp_path / "r.zarr").exists()
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a model")
     with pytest.raises(InputError, match="not a frozen encoder file"):
