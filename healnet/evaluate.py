@@ -4,7 +4,8 @@ Reads ``RESULTS_DIR/{model}/folds.csv`` and writes one row per model x setting w
 deviation (population, ddof = 0, over folds, NaN folds left out) and per-fold values of each metric,
 as CSV, as a Markdown table (mean ± std) and as a small self-contained HTML page with the same table
 (the Snakemake report shows HTML in the page; a CSV is only offered as a download), all written
-atomically.
+atomically. The Markdown and HTML also give each multimodal model's fold-paired c-index difference
+from each unimodal model, the comparison that says whether fusion helped.
 """
 
 from __future__ import annotations
@@ -83,6 +84,66 @@ def summarise(folds: pd.DataFrame) -> pd.DataFrame:
     return table[columns].reset_index(drop=True)
 
 
+PAIRED_COLUMNS = (
+    "model", "baseline", "best_baseline", "mean_difference", "std_difference", "wins", "n_folds"
+)
+
+
+def paired_differences(folds: pd.DataFrame) -> pd.DataFrame:
+    """Each multimodal model's c-index minus each unimodal model's, fold by fold (full setting).
+
+    Both models of a pair are scored on the same held-out patients in a fold, so the per-fold
+    difference cancels how hard that fold happens to be; its mean, spread and the count of folds
+    won say more about a gap than two separate means ± std. ``best_baseline`` marks the unimodal
+    model with the highest mean c-index (the comparison a fusion model has to win). Folds where
+    either c-index is undefined are left out. Models the harness does not know are skipped.
+    """
+    from healnet.baselines import MODEL_MODALITIES, MULTIMODAL
+
+    c = folds[(folds["metric"] == "c_index") & (folds["setting"] == "full")]
+    wide = c.pivot_table(index="fold", columns="model", values="value", aggfunc="first")
+    multi = [m for m in wide.columns if m in MULTIMODAL]
+    single = [m for m in wide.columns if m in MODEL_MODALITIES and m not in MULTIMODAL]
+    if not multi or not single:
+        return pd.DataFrame(columns=list(PAIRED_COLUMNS))
+    means = {b: wide[b].mean() for b in single}
+    best = max(single, key=lambda b: (np.nan_to_num(means[b], nan=-np.inf), b))
+    rows = []
+    for model in sorted(multi, key=lambda m: -np.nan_to_num(wide[m].mean(), nan=-np.inf)):
+        for baseline in sorted(single, key=lambda b: b != best):
+            diff = (wide[model] - wide[baseline]).dropna()
+            rows.append(
+                {
+                    "model": model,
+                    "baseline": baseline,
+                    "best_baseline": baseline == best,
+                    "mean_difference": float(diff.mean()) if len(diff) else float("nan"),
+                    "std_difference": float(diff.std(ddof=0)) if len(diff) else float("nan"),
+                    "wins": int((diff > 0).sum()),
+                    "n_folds": len(diff),
+                }
+            )
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+
+
+PAIRED_HEADER = ("model", "against", "c-index difference", "folds won")
+PAIRED_TITLE = "Fold-paired c-index differences (full setting)"
+PAIRED_NOTE = (
+    "Model minus baseline on the same held-out patients in each fold: mean ± standard deviation over "
+    "folds (ddof = 0). A mean well inside its standard deviation is within fold-to-fold noise."
+)
+
+
+def paired_cells(row: pd.Series) -> list[str]:
+    """One paired-difference row as texts: model, baseline (marked when best), mean ± std, wins."""
+    against = f"{row['baseline']} (best unimodal)" if row["best_baseline"] else str(row["baseline"])
+    if np.isfinite(row["mean_difference"]):
+        diff = f"{row['mean_difference']:+.3f} ± {row['std_difference']:.3f}"
+    else:
+        diff = "n/a"
+    return [str(row["model"]), against, diff, f"{row['wins']} of {row['n_folds']}"]
+
+
 SUMMARY_HEADER = ("model", "setting", "c-index", "IPCW c-index", "integrated Brier", "td AUC", "folds")
 SUMMARY_NOTE = (
     "Mean ± standard deviation over folds (ddof = 0; folds where a metric is undefined are left out). "
@@ -100,16 +161,22 @@ def summary_cells(row: pd.Series) -> list[str]:
     return [str(row["model"]), str(row["setting"]), *metrics, str(row["n_folds"])]
 
 
-def to_markdown(summary: pd.DataFrame, cohort: str) -> str:
-    """A Markdown table, mean ± std per metric, settings in a fixed order, best c-index first."""
-    lines = [
-        f"# {cohort}: cross-validated survival models",
-        "",
-        "| " + " | ".join(SUMMARY_HEADER) + " |",
-        "|" + "---|" * len(SUMMARY_HEADER),
+def _markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(cells) + " |" for cells in rows
     ]
-    lines += ["| " + " | ".join(summary_cells(r)) + " |" for _, r in summary.iterrows()]
+
+
+def to_markdown(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = None) -> str:
+    """A Markdown table, mean ± std per metric, settings in a fixed order, best c-index first; then
+    the fold-paired differences when there are any."""
+    lines = [f"# {cohort}: cross-validated survival models", ""]
+    lines += _markdown_table(SUMMARY_HEADER, [summary_cells(r) for _, r in summary.iterrows()])
     lines += ["", SUMMARY_NOTE]
+    if paired is not None and len(paired):
+        lines += ["", f"## {PAIRED_TITLE}", ""]
+        lines += _markdown_table(PAIRED_HEADER, [paired_cells(r) for _, r in paired.iterrows()])
+        lines += ["", PAIRED_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +185,7 @@ HTML_STYLE = """
 body { font: 13px/1.35 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #222;
        margin: 12px; }
 h1 { font-size: 17px; margin: 0 0 10px; }
+h2 { font-size: 15px; margin: 18px 0 8px; }
 table { border-collapse: collapse; }
 th, td { padding: 4px 7px; border-bottom: 1px solid #ddd; white-space: nowrap; }
 th { text-align: left; vertical-align: bottom; background: #f3f4f6; border-bottom: 2px solid #bbb; }
@@ -127,8 +195,16 @@ p.note { color: #555; max-width: 60em; }
 """
 
 
-def to_html(summary: pd.DataFrame, cohort: str) -> str:
-    """The Markdown table's content as a self-contained HTML page (no scripts, no external files)."""
+def _tds(cells: list[str], numeric: list[bool]) -> str:
+    """Table cells of one row; numbers right-aligned."""
+    return "".join(
+        f'<td class="num">{html.escape(v)}</td>' if num else f"<td>{html.escape(v)}</td>"
+        for v, num in zip(cells, numeric, strict=True)
+    )
+
+
+def to_html(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = None) -> str:
+    """The Markdown content as a self-contained HTML page (no scripts, no external files)."""
     numeric = [False, False] + [True] * (len(SUMMARY_HEADER) - 2)
     rows = []
     previous = None
@@ -136,11 +212,7 @@ def to_html(summary: pd.DataFrame, cohort: str) -> str:
         # A rule above the first row of each setting, so the settings read as groups.
         first = ' class="first"' if previous is not None and r["setting"] != previous else ""
         previous = r["setting"]
-        tds = "".join(
-            f'<td class="num">{html.escape(v)}</td>' if num else f"<td>{html.escape(v)}</td>"
-            for v, num in zip(summary_cells(r), numeric, strict=True)
-        )
-        rows.append(f"<tr{first}>{tds}</tr>")
+        rows.append(f"<tr{first}>{_tds(summary_cells(r), numeric)}</tr>")
     title = f"{cohort}: cross-validated survival models"
     return "\n".join(
         [
@@ -157,10 +229,26 @@ def to_html(summary: pd.DataFrame, cohort: str) -> str:
             *rows,
             "</tbody></table>",
             f'<p class="note">{html.escape(SUMMARY_NOTE)}</p>',
+            *_paired_html(paired),
             "</body></html>",
             "",
         ]
     )
+
+
+def _paired_html(paired: pd.DataFrame | None) -> list[str]:
+    if paired is None or not len(paired):
+        return []
+    cells = [paired_cells(r) for _, r in paired.iterrows()]
+    return [
+        f"<h2>{html.escape(PAIRED_TITLE)}</h2>",
+        "<table>",
+        "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in PAIRED_HEADER) + "</tr></thead>",
+        "<tbody>",
+        *(f"<tr>{_tds(row, [False, False, True, True])}</tr>" for row in cells),
+        "</tbody></table>",
+        f'<p class="note">{html.escape(PAIRED_NOTE)}</p>',
+    ]
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -174,12 +262,13 @@ def cli(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m] if args.models else None
-    summary = summarise(read_folds(args.results_dir, models))
+    folds = read_folds(args.results_dir, models)
+    summary, paired = summarise(folds), paired_differences(folds)
     with atomic_output(args.output) as tmp:
         summary.to_csv(tmp, index=False)
     with atomic_output(args.output.with_suffix(".md")) as tmp:
-        tmp.write_text(to_markdown(summary, args.cohort))
+        tmp.write_text(to_markdown(summary, args.cohort, paired))
     with atomic_output(args.output.with_suffix(".html")) as tmp:
-        tmp.write_text(to_html(summary, args.cohort), encoding="utf-8")
-    print(to_markdown(summary, args.cohort))
+        tmp.write_text(to_html(summary, args.cohort, paired), encoding="utf-8")
+    print(to_markdown(summary, args.cohort, paired))
     return 0

@@ -327,10 +327,18 @@ def test_evaluate_summarises_every_model(healnet_run: Path, cohort: tuple[Path, 
     assert row["c_index_folds"] == ";".join(f"{v:.4f}" for v in folds.sort_values("fold")["value"])
     md = out.with_suffix(".md").read_text()
     assert "| healnet | full |" in md and "±" in md
-    # The same table as a self-contained HTML page (the Snakemake report shows it in the page).
+    # HEALNet against the SNN fold by fold: mean and spread of the per-fold differences, folds won.
+    healnet_c = pd.read_csv(healnet_run / "results" / "healnet" / "folds.csv").query(
+        "metric == 'c_index' and setting == 'full'"
+    )
+    diff = healnet_c.set_index("fold")["value"] - folds.query("setting == 'full'").set_index("fold")["value"]
+    spread = f"{diff.mean():+.3f} ± {diff.std(ddof=0):.3f}"
+    assert f"| healnet | snn (best unimodal) | {spread} | {(diff > 0).sum()} of 3 |" in md
+    # The same tables as a self-contained HTML page (the Snakemake report shows it in the page).
     page = out.with_suffix(".html").read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
-    assert page.count("<tr") == len(summary) + 1 and "<td>healnet</td><td>full</td>" in page
+    assert page.count("<tr") == len(summary) + 1 + 2 and "<td>healnet</td><td>full</td>" in page
+    assert "<td>healnet</td><td>snn (best unimodal)</td>" in page
     snn = summary.set_index(["model", "setting"]).loc[("snn", "full")]
     assert f"{snn['c_index_mean']:.3f} ± {snn['c_index_std']:.3f}" in page
     assert (
@@ -350,3 +358,26 @@ def test_evaluate_summarises_every_model(healnet_run: Path, cohort: tuple[Path, 
         == 1
     )  # perceiver never trained
     assert pd.read_csv(out).equals(summary)  # the old summary is left untouched
+
+
+def test_paired_differences_compare_fusion_with_each_unimodal_model_fold_by_fold() -> None:
+    values = {  # c-index per fold; fold 2 of abmil undefined (no comparable pair)
+        "healnet": [0.70, 0.60, 0.80],
+        "abmil": [0.65, 0.70, float("nan")],
+        "snn": [0.50, 0.55, 0.60],
+        "my_model": [0.9, 0.9, 0.9],  # not a harness model: skipped
+    }
+    rows = [
+        {"model": m, "fold": f, "setting": s, "metric": "c_index", "value": v - (s != "full") * 0.2}
+        for m, vs in values.items()
+        for f, v in enumerate(vs)
+        for s in ("full", "omics_only")
+    ]
+    paired = evaluate.paired_differences(pd.DataFrame(rows)).set_index("baseline")
+    assert list(paired["model"]) == ["healnet", "healnet"] and paired.index[0] == "abmil"
+    assert paired.loc["abmil", "best_baseline"] and not paired.loc["snn", "best_baseline"]  # 0.675 > 0.55
+    assert paired.loc["abmil", "n_folds"] == 2 and paired.loc["abmil", "wins"] == 1
+    assert paired.loc["abmil", "mean_difference"] == pytest.approx(((0.70 - 0.65) + (0.60 - 0.70)) / 2)
+    assert paired.loc["snn", "mean_difference"] == pytest.approx(0.15) and paired.loc["snn", "wins"] == 3
+    assert paired.loc["snn", "std_difference"] == pytest.approx(np.std([0.20, 0.05, 0.20]))
+    assert evaluate.paired_differences(pd.DataFrame(rows).query("model == 'snn'")).empty
