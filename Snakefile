@@ -5,7 +5,8 @@
 #   tile     -> tiles/{cohort}/{slide}.parquet, qc/{cohort}/{slide}.png
 #   extract  -> features/{cohort}/{encoder}/{slide}.zarr
 #   omics    -> omics/{cohort}/manifest.parquet, features.parquet, splits.parquet
-#   train    -> models/{cohort}/{model}/fold{k}.pt, results/{cohort}/{model}/folds.csv
+#   train_fold -> models/{cohort}/{model}/fold{k}.pt, results/{cohort}/{model}/fold{k}/*   (one job per fold)
+#   train    -> results/{cohort}/{model}/folds.csv, predictions.parquet   (the folds joined)
 #   evaluate -> results/{cohort}/summary.csv, summary.md, summary.html
 #   report   -> results/{cohort}/figures/*.png   (and `snakemake --report report.html`)
 
@@ -30,6 +31,7 @@ wildcard_constraints:
     cohort=r"[A-Za-z0-9_]+",
     slide=r"[^/]+",
     model=r"[a-z_]+",
+    fold=r"\d+",
     encoder=r"[A-Za-z0-9_.\-]+",
 
 

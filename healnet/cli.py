@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("preprocessing.extract", "patch embeddings of one slide into a Zarr store"),
     "omics": ("preprocessing.omics.cli", "join clinical and omic tables per patient; folds and manifest"),
     "train": ("healnet.train", "cross-validated training of one model on one cohort"),
+    "collect": ("healnet.collect", "join per-fold training outputs into one model's results"),
     "evaluate": ("healnet.evaluate", "per-cohort summary table of every trained model"),
     "report": ("healnet.report", "figures for one cohort: survival curves, c-index, QC, attention"),
 }

@@ -659,7 +659,8 @@ def run_cv(
     return table
 
 
-def _parse_folds(text: str | None) -> list[int] | None:
+def parse_folds(text: str | None) -> list[int] | None:
+    """``--folds`` text (``0,2,4``) as fold numbers; None for all."""
     if not text:
         return None
     try:
@@ -703,7 +704,7 @@ def cli(argv: list[str] | None = None) -> int:
         args.models_dir,
         args.results_dir,
         device,
-        _parse_folds(args.folds),
+        parse_folds(args.folds),
         args.threads,
     )
     full = table[(table["setting"] == "full") & (table["metric"] == "c_index")]["value"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -381,3 +382,32 @@ def test_paired_differences_compare_fusion_with_each_unimodal_model_fold_by_fold
     assert paired.loc["snn", "mean_difference"] == pytest.approx(0.15) and paired.loc["snn", "wins"] == 3
     assert paired.loc["snn", "std_difference"] == pytest.approx(np.std([0.20, 0.05, 0.20]))
     assert evaluate.paired_differences(pd.DataFrame(rows).query("model == 'snn'")).empty
+
+
+def test_folds_trained_as_separate_runs_collect_into_the_all_fold_outputs(
+    healnet_run: Path, cohort: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The workflow trains each fold as its own job; joined, they equal one all-fold run."""
+    omics_dir, features_dir, config = cohort
+    model_dir = tmp_path / "results" / "healnet"
+    for k in (0, 1, 2):
+        args = train_args(config, omics_dir, features_dir, tmp_path, "healnet", "--folds", str(k))
+        args[args.index("--results-dir") + 1] = str(model_dir / f"fold{k}")
+        assert healnet_main(args) == 0
+    assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,1,2"]) == 0
+    whole = healnet_run / "results" / "healnet"
+    assert pd.read_csv(model_dir / "folds.csv").equals(pd.read_csv(whole / "folds.csv"))
+    predictions = pd.read_parquet(model_dir / "predictions.parquet")
+    assert predictions.equals(pd.read_parquet(whole / "predictions.parquet"))
+    log = json.loads((model_dir / "log.json").read_text())
+    assert [f["fold"] for f in log["folds"]] == [0, 1, 2] and log["model"] == "healnet"
+    # A fold folder holding another fold's results, or a missing fold, is one clear line and no output.
+    (model_dir / "folds.csv").unlink()
+    shutil.copytree(model_dir / "fold0", model_dir / "fold3")
+    capsys.readouterr()
+    assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,3"]) == 1
+    err = capsys.readouterr().err
+    assert "fold3" in err and "expected only fold 3" in err and len(err.strip().splitlines()) == 1
+    assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,4"]) == 1
+    assert "train fold 4 first" in capsys.readouterr().err
+    assert not (model_dir / "folds.csv").exists()

@@ -52,6 +52,30 @@ def test_whole_dag_runs_and_second_run_does_nothing(tiny_run: Path) -> None:
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def test_an_interrupted_run_retrains_only_the_missing_fold(tiny_run: Path) -> None:
+    """Each fold is its own job: when one fold's job failed (Snakemake then removes its outputs) and
+    nothing downstream ran, the rerun trains that fold alone, not its finished siblings."""
+    lost = [
+        "models/TINY/healnet/fold1.pt",
+        "results/TINY/healnet/fold1",
+        "results/TINY/healnet/folds.csv",
+        "results/TINY/healnet/predictions.parquet",
+        "results/TINY/summary.csv",
+    ]
+    for name in lost:
+        (tiny_run / name).rename(tiny_run / f"{name}.aside")
+    try:
+        dry = snakemake(tiny_run, "-n", "--cores", "2")
+    finally:
+        for name in lost:
+            (tiny_run / f"{name}.aside").rename(tiny_run / name)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, flags=re.M))
+    assert jobs["train_fold"] == "1" and jobs["train"] == "1"
+    assert "wildcards: cohort=TINY, model=healnet, fold=1" in dry.stdout
+    assert set(jobs) - {"total"} == {"train_fold", "train", "evaluate", "report", "all"}
+
+
 def test_corrupt_slide_is_listed_and_its_patient_has_no_slide(tiny_run: Path) -> None:
     failed = pd.read_csv(tiny_run / "results/TINY/failed_slides.csv")
     bad = failed[failed["status"] == "failed"]
@@ -96,6 +120,7 @@ def test_slurm_dry_run_places_gpu_jobs(tmp_path: Path) -> None:
         res = re.search(r"resources: (.*)", block)
         if name and res:
             resources[name.group(1)] = res.group(1)
-    for gpu_rule in ["extract", "train"]:
+    for gpu_rule in ["extract", "train_fold"]:
         assert "slurm_partition=gpu" in resources[gpu_rule] and "gpu=1" in resources[gpu_rule]
-    assert "slurm_partition=cpu" in resources["tile"] and "gpu=" not in resources["tile"]
+    for cpu_rule in ["tile", "train"]:
+        assert "slurm_partition=cpu" in resources[cpu_rule] and "gpu=" not in resources[cpu_rule]

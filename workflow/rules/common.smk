@@ -167,6 +167,21 @@ def train_inputs(wildcards):
     }
 
 
+def fold_outputs(wildcards):
+    """Every fold's outputs of one cohort x model (rule train_fold)."""
+    stem = f"results/{wildcards.cohort}/{wildcards.model}"
+    folds = fold_ids(wildcards.cohort)
+    return {
+        "folds": [f"{stem}/fold{k}/folds.csv" for k in folds],
+        "predictions": [f"{stem}/fold{k}/predictions.parquet" for k in folds],
+        "checkpoints": [f"models/{wildcards.cohort}/{wildcards.model}/fold{k}.pt" for k in folds],
+    }
+
+
+def checkpoints_of(cohort, models):
+    return [f"models/{cohort}/{m}/fold{k}.pt" for m in models for k in fold_ids(cohort)]
+
+
 def evaluate_inputs(wildcards):
     return expand("results/{cohort}/{model}/folds.csv", cohort=wildcards.cohort, model=cohort_models(wildcards.cohort))
 
@@ -177,7 +192,7 @@ def report_inputs(wildcards):
     return {
         "summary": f"results/{c}/summary.csv",
         "predictions": expand("results/{cohort}/{model}/predictions.parquet", cohort=c, model=models),
-        "models": expand("models/{cohort}/{model}", cohort=c, model=models),
+        "checkpoints": checkpoints_of(c, models),
         "manifest": f"omics/{c}/manifest.parquet",
         "tiles": tiles_of(c),
         "stores": stores_of(c),

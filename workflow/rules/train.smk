@@ -18,17 +18,21 @@ rule config_snapshot:
         "printf '%s\\n' {params.text:q} > {output} 2> {log}"
 
 
-rule train:
+# One job per cohort x model x fold, so that a failed or cancelled job loses one fold and a cluster
+# trains the folds side by side; every fold is seeded on its own, so the numbers are those of one
+# all-fold run.
+rule train_fold:
     input:
         unpack(train_inputs),
     output:
-        folds="results/{cohort}/{model}/folds.csv",
-        predictions="results/{cohort}/{model}/predictions.parquet",
-        models=directory("models/{cohort}/{model}"),
+        folds="results/{cohort}/{model}/fold{fold}/folds.csv",
+        predictions="results/{cohort}/{model}/fold{fold}/predictions.parquet",
+        log_json="results/{cohort}/{model}/fold{fold}/log.json",
+        checkpoint="models/{cohort}/{model}/fold{fold}.pt",
     log:
-        "logs/{cohort}/train/{model}.log",
+        "logs/{cohort}/train/{model}/fold{fold}.log",
     benchmark:
-        "benchmarks/out/{cohort}/train/{model}.tsv"
+        "benchmarks/out/{cohort}/train/{model}/fold{fold}.tsv"
     params:
         healnet=HEALNET,
         encoder=ENCODER,
@@ -42,9 +46,35 @@ rule train:
         "../../envs/model.yaml"
     shell:
         "{params.healnet} train --config {input.config} --cohort {wildcards.cohort} --model {wildcards.model}"
+        " --folds {wildcards.fold}"
         " --omics-dir omics/{wildcards.cohort} --features-dir features/{wildcards.cohort}/{params.encoder}"
-        " --models-dir {output.models} --results-dir results/{wildcards.cohort}/{wildcards.model}"
+        " --models-dir models/{wildcards.cohort}/{wildcards.model}"
+        " --results-dir results/{wildcards.cohort}/{wildcards.model}/fold{wildcards.fold}"
         " --threads {threads} --device {params.device} > {log} 2>&1"
+
+
+# The folds of one model joined into the files an all-fold `healnet train` writes.
+rule train:
+    input:
+        unpack(fold_outputs),
+    output:
+        folds="results/{cohort}/{model}/folds.csv",
+        predictions="results/{cohort}/{model}/predictions.parquet",
+        log_json="results/{cohort}/{model}/log.json",
+    log:
+        "logs/{cohort}/train/{model}.log",
+    params:
+        healnet=HEALNET,
+        folds=lambda wc: ",".join(map(str, fold_ids(wc.cohort))),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../../envs/model.yaml"
+    shell:
+        "{params.healnet} collect --results-dir results/{wildcards.cohort}/{wildcards.model}"
+        " --folds {params.folds} > {log} 2>&1"
 
 
 rule evaluate:
