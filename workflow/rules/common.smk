@@ -167,19 +167,17 @@ def train_inputs(wildcards):
     }
 
 
-def fold_outputs(wildcards):
-    """Every fold's outputs of one cohort x model (rule train_fold)."""
-    stem = f"results/{wildcards.cohort}/{wildcards.model}"
-    folds = fold_ids(wildcards.cohort)
-    return {
-        "folds": [f"{stem}/fold{k}/folds.csv" for k in folds],
-        "predictions": [f"{stem}/fold{k}/predictions.parquet" for k in folds],
-        "checkpoints": [f"models/{wildcards.cohort}/{wildcards.model}/fold{k}.pt" for k in folds],
-    }
-
-
 def checkpoints_of(cohort, models):
     return [f"models/{cohort}/{m}/fold{k}.pt" for m in models for k in fold_ids(cohort)]
+
+
+def fold_outputs(wildcards):
+    """Every fold's outputs of one cohort x model (rule train_fold), which `healnet collect` joins."""
+    stem = f"results/{wildcards.cohort}/{wildcards.model}"
+    folds = fold_ids(wildcards.cohort)
+    files = {"folds": "folds.csv", "predictions": "predictions.parquet", "logs": "log.json"}
+    inputs = {key: [f"{stem}/fold{k}/{name}" for k in folds] for key, name in files.items()}
+    return inputs | {"checkpoints": checkpoints_of(wildcards.cohort, [wildcards.model])}
 
 
 def evaluate_inputs(wildcards):
