@@ -6,15 +6,37 @@ Snakemake validates the same file with the same schema when it starts; the CLI c
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import jsonschema
 import yaml
 
 from preprocessing.errors import InputError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _jsonschema() -> ModuleType:
+    """``jsonschema``, imported without the optional ``rfc3987_syntax`` package.
+
+    When that package is installed (here it comes with tiatoolbox's Jupyter dependencies),
+    importing jsonschema builds its IRI grammars, about 3 s of CPU in every process that reads a
+    config, every training job included. Our schema checks no IRI formats, so that one optional
+    import is declined while jsonschema loads and allowed again afterwards.
+    """
+    if "jsonschema" in sys.modules:
+        return sys.modules["jsonschema"]
+    decline = "rfc3987_syntax" not in sys.modules
+    if decline:
+        sys.modules["rfc3987_syntax"] = None  # type: ignore[assignment]  # None makes the import fail
+    try:
+        import jsonschema
+    finally:
+        if decline:
+            del sys.modules["rfc3987_syntax"]
+    return jsonschema
 
 
 def _with_defaults(validator_class: type) -> type:
@@ -28,13 +50,13 @@ def _with_defaults(validator_class: type) -> type:
                     instance[key] = sub["default"]
         yield from validate_props(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+    return _jsonschema().validators.extend(validator_class, {"properties": set_defaults})
 
 
 def validate_config(config: dict[str, Any], source: str | Path = "config") -> dict[str, Any]:
     """Validate ``config`` in place (defaults added); raise InputError naming the offending key."""
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    validator = _with_defaults(_jsonschema().Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
