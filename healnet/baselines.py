@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from healnet.modalities import MODEL_MODALITIES
 from healnet.model import (
     LATENT_KEYS,
     HEALNet,
@@ -29,16 +30,6 @@ from healnet.model import (
     fourier_features,
     normalise_coords,
 )
-
-# which inputs each model reads
-MODEL_MODALITIES: dict[str, frozenset[str]] = {
-    "healnet": frozenset({"wsi", "omics"}),
-    "snn": frozenset({"omics"}),
-    "abmil": frozenset({"wsi"}),
-    "perceiver": frozenset({"wsi", "omics"}),
-    "late_fusion": frozenset({"wsi", "omics"}),
-}
-MULTIMODAL = frozenset(name for name, mods in MODEL_MODALITIES.items() if len(mods) == 2)
 
 
 def _real_tokens(wsi_mask: Tensor | None, wsi: Tensor) -> Tensor:

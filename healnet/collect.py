@@ -17,9 +17,18 @@ from typing import Any
 
 import pandas as pd
 
-from healnet.train import parse_folds
 from preprocessing.atomic import atomic_output
 from preprocessing.errors import InputError
+
+
+def parse_folds(text: str | None) -> list[int] | None:
+    """``--folds`` text (``0,2,4``) as fold numbers; None for all."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise InputError("--folds", f"expected comma-separated integers, got {text!r}") from err
 
 
 def _read_fold(folder: Path, fold: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -34,7 +43,7 @@ def _read_fold(folder: Path, fold: int) -> tuple[pd.DataFrame, pd.DataFrame, dic
         log = json.loads(paths[2].read_text())
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise InputError(folder, f"cannot read the fold's outputs ({type(err).__name__}: {err})") from err
-    for path, frame in zip(paths, (metrics, predictions), strict=False):
+    for path, frame in ((paths[0], metrics), (paths[1], predictions)):
         found = sorted(set(frame["fold"].astype(int))) if "fold" in frame else []
         if found != [fold]:
             raise InputError(path, f"holds fold(s) {found}, expected only fold {fold}")

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from healnet.metrics import METRICS
+from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
 from preprocessing.atomic import atomic_output
 from preprocessing.errors import InputError
 
@@ -98,8 +99,6 @@ def paired_differences(folds: pd.DataFrame) -> pd.DataFrame:
     model with the highest mean c-index (the comparison a fusion model has to win). Folds where
     either c-index is undefined are left out. Models the harness does not know are skipped.
     """
-    from healnet.baselines import MODEL_MODALITIES, MULTIMODAL
-
     c = folds[(folds["metric"] == "c_index") & (folds["setting"] == "full")]
     wide = c.pivot_table(index="fold", columns="model", values="value", aggfunc="first")
     multi = [m for m in wide.columns if m in MULTIMODAL]

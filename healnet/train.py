@@ -43,11 +43,13 @@ import torch
 from sklearn.model_selection import train_test_split
 from sksurv.metrics import concordance_index_censored
 
-from healnet.baselines import MODEL_MODALITIES, MULTIMODAL, build_model, model_spec
+from healnet.baselines import build_model, model_spec
+from healnet.collect import parse_folds
 from healnet.config import load_config
 from healnet.data import BagBatchSampler, BagDataset, OmicsTables, index_stores, load_omics_dir, make_loader
 from healnet.loss import inverse_frequency_weights, nll_survival_loss, survival_from_logits
 from healnet.metrics import fold_metrics, survival_at, survival_knots
+from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
 from preprocessing.atomic import atomic_output
 from preprocessing.errors import InputError
 
@@ -657,16 +659,6 @@ def run_cv(
     with atomic_output(results_dir / "log.json") as tmp:
         tmp.write_text(json.dumps(record, indent=1, default=float))
     return table
-
-
-def parse_folds(text: str | None) -> list[int] | None:
-    """``--folds`` text (``0,2,4``) as fold numbers; None for all."""
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise InputError("--folds", f"expected comma-separated integers, got {text!r}") from err
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from healnet.baselines import MODEL_MODALITIES, build_model, model_spec
+from healnet.baselines import build_model, model_spec
+from healnet.modalities import MODEL_MODALITIES
 from healnet.model import HEALNet, LatentSettings
 
 D, F_RNA, F_CNV = 24, 12, 8

@@ -16,8 +16,7 @@ _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif")
 ENCODER = config["extract"]["encoder"]
-WSI_ONLY_MODELS = {"abmil"}
-MULTIMODAL_MODELS = {"healnet", "perceiver", "late_fusion"}
+from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
 
 
 def cohort_config(cohort):

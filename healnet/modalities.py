@@ -1,0 +1,17 @@
+"""Which inputs each model of the harness reads.
+
+Kept apart from the model code (no torch import), so that the workflow and the summary step can ask
+which models are multimodal without paying for torch.
+"""
+
+from __future__ import annotations
+
+MODEL_MODALITIES: dict[str, frozenset[str]] = {
+    "healnet": frozenset({"wsi", "omics"}),
+    "snn": frozenset({"omics"}),
+    "abmil": frozenset({"wsi"}),
+    "perceiver": frozenset({"wsi", "omics"}),
+    "late_fusion": frozenset({"wsi", "omics"}),
+}
+MULTIMODAL = frozenset(name for name, mods in MODEL_MODALITIES.items() if len(mods) == 2)
+WSI_ONLY = frozenset(name for name, mods in MODEL_MODALITIES.items() if mods == {"wsi"})
