@@ -1,4 +1,5 @@
 # Shared helpers: where each cohort's slides are, how many folds, which models, the healnet command.
+import functools
 import json
 import shlex
 import sys
@@ -46,8 +47,14 @@ def demo_plan(cohort):
     return plan_cohort(d["patients"], d["seed"], d["long_side_px"], d["corrupt_slides"])
 
 
+@functools.cache
 def cohort_slides(cohort):
-    """Slide stem -> slide path, known when the DAG is built (demo slide names come from the seed)."""
+    """Slide stem -> slide path, known when the DAG is built (demo slide names come from the seed).
+
+    Listed once per cohort and Snakemake process: every tile and extract job asks for it while the
+    DAG is built, and listing a 1,000-slide folder per job made building that DAG quadratic (44 s
+    for 1,000 slides). Callers must not modify the returned dict.
+    """
     if is_demo(cohort):
         from preprocessing.demo import slide_files
 
