@@ -10,6 +10,8 @@
 #   evaluate -> results/{cohort}/summary.csv, summary.md, summary.html
 #   report   -> results/{cohort}/figures/*.png   (and `snakemake --report report.html`)
 
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -18,6 +20,11 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# jsonschema without its optional IRI grammars, which cost about 3 s per Snakemake process.
+sys.path.insert(0, workflow.basedir)
+from healnet.config import import_jsonschema
+
+import_jsonschema()
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -18,13 +18,15 @@ from preprocessing.errors import InputError
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def _jsonschema() -> ModuleType:
+def import_jsonschema() -> ModuleType:
     """``jsonschema``, imported without the optional ``rfc3987_syntax`` package.
 
     When that package is installed (here it comes with tiatoolbox's Jupyter dependencies),
     importing jsonschema builds its IRI grammars, about 3 s of CPU in every process that reads a
     config, every training job included. Our schema checks no IRI formats, so that one optional
-    import is declined while jsonschema loads and allowed again afterwards.
+    import is declined while jsonschema loads and allowed again afterwards. The Snakefile calls
+    this before Snakemake's own ``validate``, as every Snakemake process (each cluster job re-reads
+    the Snakefile) would pay the same.
     """
     if "jsonschema" in sys.modules:
         return sys.modules["jsonschema"]
@@ -50,13 +52,13 @@ def _with_defaults(validator_class: type) -> type:
                     instance[key] = sub["default"]
         yield from validate_props(validator, properties, instance, schema)
 
-    return _jsonschema().validators.extend(validator_class, {"properties": set_defaults})
+    return import_jsonschema().validators.extend(validator_class, {"properties": set_defaults})
 
 
 def validate_config(config: dict[str, Any], source: str | Path = "config") -> dict[str, Any]:
     """Validate ``config`` in place (defaults added); raise InputError naming the offending key."""
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    validator = _with_defaults(_jsonschema().Draft202012Validator)(schema)
+    validator = _with_defaults(import_jsonschema().Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
