@@ -10,8 +10,8 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 # Each step runs `healnet <step>` as `python -m healnet.cli <step>`. The python is that of the job's
 # conda environment under --sdm conda, else the interpreter running Snakemake (the project's .venv).
 # PYTHONPATH makes this repository's two packages importable in conda environments and cluster jobs.
+# (The Snakefile has already put BASEDIR on sys.path, before validating the config.)
 BASEDIR = Path(workflow.basedir).resolve()
-sys.path.insert(0, str(BASEDIR))
 _USES_CONDA = DeploymentMethod.CONDA in (workflow.deployment_settings.deployment_method or ())
 _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
