@@ -280,10 +280,6 @@ class LateFusion(nn.Module):
         return self.snn.l1_penalty() if self.snn is not None else self.fuse.weight.new_zeros(())
 
 
-# healnet: config keys copied into HEALNet and Perceiver specs
-HEALNET_KEYS = LATENT_KEYS
-
-
 def model_spec(
     name: str,
     *,
@@ -308,7 +304,7 @@ def model_spec(
         "dropout": training_cfg.get("baseline_dropout", 0.25),
     }
     if name in ("healnet", "perceiver"):
-        kwargs: dict[str, Any] = {k: healnet_cfg[k] for k in HEALNET_KEYS if k in healnet_cfg}
+        kwargs: dict[str, Any] = {k: healnet_cfg[k] for k in LATENT_KEYS if k in healnet_cfg}
         kwargs.update(
             wsi_dim=wsi_dim,
             n_omics=n_omics,

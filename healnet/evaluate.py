@@ -202,6 +202,18 @@ def _tds(cells: list[str], numeric: list[bool]) -> str:
     )
 
 
+def _html_table(header: tuple[str, ...], rows: list[str], note: str) -> list[str]:
+    """A table (``rows`` are ready ``<tr>`` elements) and the note under it."""
+    return [
+        "<table>",
+        "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>",
+        "<tbody>",
+        *rows,
+        "</tbody></table>",
+        f'<p class="note">{html.escape(note)}</p>',
+    ]
+
+
 def to_html(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = None) -> str:
     """The Markdown content as a self-contained HTML page (no scripts, no external files)."""
     numeric = [False, False] + [True] * (len(SUMMARY_HEADER) - 2)
@@ -222,12 +234,7 @@ def to_html(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = No
             f"<style>{HTML_STYLE}</style></head>",
             "<body>",
             f"<h1>{html.escape(title)}</h1>",
-            "<table>",
-            "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in SUMMARY_HEADER) + "</tr></thead>",
-            "<tbody>",
-            *rows,
-            "</tbody></table>",
-            f'<p class="note">{html.escape(SUMMARY_NOTE)}</p>',
+            *_html_table(SUMMARY_HEADER, rows, SUMMARY_NOTE),
             *_paired_html(paired),
             "</body></html>",
             "",
@@ -238,16 +245,8 @@ def to_html(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = No
 def _paired_html(paired: pd.DataFrame | None) -> list[str]:
     if paired is None or not len(paired):
         return []
-    cells = [paired_cells(r) for _, r in paired.iterrows()]
-    return [
-        f"<h2>{html.escape(PAIRED_TITLE)}</h2>",
-        "<table>",
-        "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in PAIRED_HEADER) + "</tr></thead>",
-        "<tbody>",
-        *(f"<tr>{_tds(row, [False, False, True, True])}</tr>" for row in cells),
-        "</tbody></table>",
-        f'<p class="note">{html.escape(PAIRED_NOTE)}</p>',
-    ]
+    rows = [f"<tr>{_tds(paired_cells(r), [False, False, True, True])}</tr>" for _, r in paired.iterrows()]
+    return [f"<h2>{html.escape(PAIRED_TITLE)}</h2>", *_html_table(PAIRED_HEADER, rows, PAIRED_NOTE)]
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -255,7 +255,7 @@ class LatentSettings:
 
     The one place these names and their defaults are written (they mirror the ``healnet:`` config
     section): both constructors take them as keywords, and the config keys copied into a model spec
-    (``baselines.HEALNET_KEYS``) are these field names.
+    (:data:`LATENT_KEYS`) are these field names.
     """
 
     depth: int = 2
