@@ -31,6 +31,11 @@ def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.Compl
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def job_counts(stdout: str) -> dict[str, str]:
+    """Rule -> number of jobs, from the job table a (dry) run prints."""
+    return dict(re.findall(r"^(\w+)\s+(\d+)$", stdout, flags=re.M))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("tiny")
@@ -71,7 +76,7 @@ def test_an_interrupted_run_retrains_only_the_missing_fold(tiny_run: Path) -> No
         for name in lost:
             (tiny_run / f"{name}.aside").rename(tiny_run / name)
     assert dry.returncode == 0, dry.stderr[-3000:]
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, flags=re.M))
+    jobs = job_counts(dry.stdout)
     assert jobs["train_fold"] == "1" and jobs["train"] == "1"
     assert "wildcards: cohort=TINY, model=healnet, fold=1" in dry.stdout
     assert set(jobs) - {"total"} == {"train_fold", "train", "evaluate", "report", "all"}
@@ -99,7 +104,7 @@ def test_single_output_by_path_runs_only_what_it_needs(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
     dry = snakemake(tmp_path, "-n", "omics/TINY/manifest.parquet")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, flags=re.M))
+    jobs = job_counts(dry.stdout)
     assert set(jobs) - {"total"} == {"demo", "tile", "omics"}
 
 
@@ -141,6 +146,6 @@ def test_planning_a_thousand_slide_cohort_takes_seconds(tmp_path: Path) -> None:
     dry = snakemake(tmp_path, "-n", "--cores", "2", "--quiet", "rules")
     seconds = time.perf_counter() - start
     assert dry.returncode == 0, dry.stderr[-3000:]
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, flags=re.M))
+    jobs = job_counts(dry.stdout)
     assert jobs["tile"] == jobs["extract"] == "1000"
     assert seconds < 30, f"planning 1,000 slides took {seconds:.1f} s"
