@@ -20,11 +20,13 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-# jsonschema without its optional IRI grammars, which cost about 3 s per Snakemake process.
+# jsonschema without its optional IRI grammars, which cost about 3 s per Snakemake process; and
+# "1e-4", which Snakemake's YAML reads as text, made a number where the schema wants one.
 sys.path.insert(0, workflow.basedir)
-from healnet.config import import_jsonschema
+from healnet.config import import_jsonschema, numbers_from_strings
 
 import_jsonschema()
+numbers_from_strings(config)
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -6,6 +6,7 @@ Snakemake validates the same file with the same schema when it starts; the CLI c
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -16,6 +17,16 @@ import yaml
 from preprocessing.errors import InputError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+# A decimal number with an exponent but no dot ("1e-5"): YAML 1.1 reads it as text, JSON and
+# YAML 1.2 as a number. Python's json writes floats below 1e-4 this way ("1e-05").
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1e-5`` is a float (YAML 1.1 would make it a string)."""
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def import_jsonschema() -> ModuleType:
@@ -55,9 +66,41 @@ def _with_defaults(validator_class: type) -> type:
     return import_jsonschema().validators.extend(validator_class, {"properties": set_defaults})
 
 
+def numbers_from_strings(config: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
+    """Turn strings such as ``"1e-4"`` into floats where the schema asks for a number, in place.
+
+    Snakemake reads config files and ``--config`` values as YAML 1.1, in which an exponent without
+    a dot is text, so ``lr: 1e-4`` would otherwise fail validation as "not of type number". Only
+    whole decimal numbers are converted; anything else is left for the validator to report.
+    Returns the dotted keys that were converted.
+    """
+    if schema is None:
+        schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    converted: list[str] = []
+
+    def walk(instance: Any, sub: dict[str, Any], where: str) -> None:
+        if not isinstance(instance, dict):
+            return
+        for key, prop in sub.get("properties", {}).items():
+            if key not in instance:
+                continue
+            value = instance[key]
+            types = prop.get("type", [])
+            types = [types] if isinstance(types, str) else types
+            if "number" in types and isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+                instance[key] = float(value)
+                converted.append(f"{where}{key}")
+            else:
+                walk(value, prop, f"{where}{key}.")
+
+    walk(config, schema, "")
+    return converted
+
+
 def validate_config(config: dict[str, Any], source: str | Path = "config") -> dict[str, Any]:
     """Validate ``config`` in place (defaults added); raise InputError naming the offending key."""
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    numbers_from_strings(config, schema)
     validator = _with_defaults(import_jsonschema().Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -68,10 +111,10 @@ def validate_config(config: dict[str, Any], source: str | Path = "config") -> di
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file, validate it and return it with defaults filled in."""
+    """Read a YAML (or JSON) config file, validate it and return it with defaults filled in."""
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = yaml.load(path.read_text(), Loader=ConfigLoader) or {}  # noqa: S506 - a SafeLoader
     except (OSError, yaml.YAMLError) as err:
         raise InputError(path, f"cannot read config: {err}") from err
     return validate_config(config, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,38 @@ def test_snakemake_refuses_unknown_key_with_its_name(tmp_path: Path) -> None:
     )
     assert run.returncode != 0
     assert "batchsize" in run.stdout + run.stderr
+
+
+def test_small_numbers_survive_the_json_snapshot_that_training_reads(tmp_path: Path) -> None:
+    """The workflow hands settings to each training job as JSON, where 0.00001 is spelled 1e-05."""
+    cfg = validate_config(default_config())
+    cfg["training"]["weight_decay"] = 0.00001
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert '"weight_decay": 1e-05' in path.read_text()
+    assert load_config(path)["training"]["weight_decay"] == 1e-05
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    text = (REPO / "config.yaml").read_text().replace("lr: 0.0002 ", "lr: 2e-4 ")
+    assert "lr: 2e-4 " in text
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert load_config(path)["training"]["lr"] == 2e-4
+    assert yaml.safe_load("lr: 2e-4") == {"lr": "2e-4"}  # PyYAML's own safe loader is left as it was
+    with pytest.raises(InputError, match=r"training\.lr"):
+        validate_config({"cohorts": {"X": {"demo": True}}, "training": {"lr": "2e-4x"}})
+
+
+def test_snakemake_accepts_an_exponent_without_a_dot(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    text = (REPO / "config.yaml").read_text()
+    path.write_text(text.replace("weight_decay: 0.0001\n", "weight_decay: 1e-5\n"))
+    assert "weight_decay: 1e-5\n" in path.read_text()
+    snakemake = Path(sys.executable).parent / "snakemake"
+    run = subprocess.run(
+        [str(snakemake), "-n", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(path),
+         "--config", "healnet={attn_dropout: 5e-2}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
