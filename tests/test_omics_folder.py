@@ -14,6 +14,7 @@ from healnet.cli import main as healnet_main
 from preprocessing.errors import InputError
 from preprocessing.omics.barcodes import choose_samples
 from preprocessing.omics.cli import cli
+from preprocessing.omics.join import list_slide_files
 from preprocessing.omics.readers import read_omics
 from preprocessing.tiles_io import write_tiles
 
@@ -385,3 +386,17 @@ def test_cbioportal_and_gdc_layouts(tmp_path: Path) -> None:
     tables = read_omics(gdc)
     assert tables.clinical["time"].tolist() == pytest.approx([400 / 30.4375, 900 / 30.4375])
     assert tables.clinical["event"].tolist() == [1, 0] and tables.omics == {}
+
+
+def test_slides_in_gdc_download_folders_join_as_a_flat_folder(demo: dict, tmp_path: Path) -> None:
+    flat = run(demo, tmp_path / "flat")["manifest"]
+    for k, path in enumerate(sorted(demo["slides"].iterdir())):   # the GDC client's layout
+        (demo["slides"] / f"uuid-{k}").mkdir()
+        path.rename(demo["slides"] / f"uuid-{k}" / path.name)
+    nested = run(demo, tmp_path / "nested")["manifest"]
+    pd.testing.assert_frame_equal(nested, flat)
+
+    (demo["slides"] / "again").mkdir()
+    (demo["slides"] / "again" / slide_name(4)).write_bytes(b"")
+    with pytest.raises(InputError, match=r"more than once.*" + slide_name(4)[:-4]):
+        list_slide_files(demo["slides"])

@@ -149,3 +149,29 @@ def test_planning_a_thousand_slide_cohort_takes_seconds(tmp_path: Path) -> None:
     jobs = job_counts(dry.stdout)
     assert jobs["tile"] == jobs["extract"] == "1000"
     assert seconds < 30, f"planning 1,000 slides took {seconds:.1f} s"
+
+
+def test_slides_in_gdc_download_folders_are_found(tmp_path: Path) -> None:
+    """The GDC Data Transfer Tool saves each slide in a folder named by its file UUID; those slides
+    are planned like a flat folder's, and two files with one slide name stop the run naming both."""
+    slides = tmp_path / "slides"
+    names = [f"TCGA-ZZ-{i:04d}-01Z-00-DX1.{i:08d}-AAAA.svs" for i in range(3)]
+    for i, name in enumerate(names):
+        (slides / f"uuid-{i}").mkdir(parents=True)
+        (slides / f"uuid-{i}" / name).touch()
+    (slides / "uuid-0" / "annotations.txt").touch()
+    (slides / ".hidden").mkdir()
+    (slides / ".hidden" / "TCGA-ZZ-9999-01Z-00-DX1.svs").touch()
+    config = {"cohorts": {"GDC": {"slides": str(slides), "omics": str(tmp_path / "omics")}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake(tmp_path, "-n", "--cores", "1", "-p")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert job_counts(dry.stdout)["tile"] == "3"
+    assert f"uuid-1/{names[1]}" in dry.stdout   # the tile job reads the slide where it lies
+
+    (slides / "copy").mkdir()
+    (slides / "copy" / names[2]).touch()
+    clash = snakemake(tmp_path, "-n", "--cores", "1")
+    assert clash.returncode != 0
+    assert f"uuid-2/{names[2]}" in clash.stdout + clash.stderr
+    assert f"copy/{names[2]}" in clash.stdout + clash.stderr

@@ -20,6 +20,7 @@ import pandas as pd
 from preprocessing.errors import InputError
 from preprocessing.omics.barcodes import describe_rows, slide_patient
 from preprocessing.omics.readers import MODALITIES, SLIDE_SUFFIXES, CohortTables, slide_stem
+from preprocessing.slide_files import SlideFolderError, find_slide_files
 from preprocessing.tiles_io import read_tiles
 
 log = logging.getLogger(__name__)
@@ -28,16 +29,14 @@ CLINICAL_COVARIATES = ("age", "is_female")
 
 
 def list_slide_files(folder: str | Path) -> list[str]:
-    """Stems of the slide files directly inside ``folder`` (by extension, case-insensitive)."""
+    """Stems of the slide files in ``folder`` or its subfolders (:mod:`preprocessing.slide_files`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "slides folder not found")
-    names = sorted(p.name for p in folder.iterdir()
-                   if not p.name.startswith(".") and p.suffix.lower() in SLIDE_SUFFIXES)
-    stems = [Path(n).stem for n in names]
-    dups = sorted({s for s in stems if stems.count(s) > 1})
-    if dups:
-        raise InputError(folder, f"several slide files share the stem(s) {describe_rows(dups)}")
+    try:
+        stems = list(find_slide_files(folder))
+    except SlideFolderError as err:
+        raise InputError(folder, str(err)) from None
     if not stems:
         raise InputError(folder, f"no slide files ({', '.join(SLIDE_SUFFIXES)})")
     return stems

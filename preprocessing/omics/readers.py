@@ -57,11 +57,11 @@ import pandas as pd
 
 from preprocessing.errors import InputError
 from preprocessing.omics.barcodes import choose_samples, describe_rows, is_barcode, parse_barcode
+from preprocessing.slide_files import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 MODALITIES = ("rna", "cnv", "mut")
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif")
 DAYS_PER_MONTH = 30.4375
 MCAT_SUFFIXES = {"_rnaseq": "rna", "_cnv": "cnv", "_mut": "mut"}
 MCAT_REQUIRED = ("case_id", "survival_months", "censorship")

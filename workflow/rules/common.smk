@@ -15,9 +15,9 @@ BASEDIR = Path(workflow.basedir).resolve()
 _USES_CONDA = DeploymentMethod.CONDA in (workflow.deployment_settings.deployment_method or ())
 _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif")
 ENCODER = config["extract"]["encoder"]
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
+from preprocessing.slide_files import SlideFolderError, find_slide_files
 
 
 def cohort_config(cohort):
@@ -55,18 +55,17 @@ def cohort_slides(cohort):
     DAG is built, and listing a 1,000-slide folder per job made building that DAG quadratic (44 s
     for 1,000 slides). Callers must not modify the returned dict.
     """
+    folder = slides_dir(cohort)
     if is_demo(cohort):
         from preprocessing.demo import slide_files
 
-        names = slide_files(demo_plan(cohort))
-    else:
-        folder = slides_dir(cohort)
-        if not folder:
-            return {}
-        if not Path(folder).is_dir():
-            raise ValueError(f"cohort {cohort}: slides folder {folder} does not exist")
-        names = sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
-    return {Path(n).stem: str(Path(slides_dir(cohort)) / n) for n in names}
+        return {Path(n).stem: str(Path(folder) / n) for n in slide_files(demo_plan(cohort))}
+    if not folder:
+        return {}
+    try:
+        return {stem: str(path) for stem, path in find_slide_files(folder).items()}
+    except SlideFolderError as err:
+        raise ValueError(f"cohort {cohort}: {err}") from None
 
 
 def slide_path(wildcards):
