@@ -6,7 +6,8 @@ fold, and scores ``(1 - w) * abmil + w * snn`` for w = 0, 0.1, ..., 1 by the mea
 folds. The weight is chosen on the held-out folds themselves, which no honest model can do, so the
 best mix is an upper bound for a weighted average of what the two learners found. If even that
 bound beats the better unimodal model by less than a margin, a fusion model needs to learn more
-from each modality, not only combine them better. HEALNet's own margin is printed alongside when
+from each modality, not only combine them better. The equal-weight mix, a choice made in advance,
+is printed too: an honest late fusion that needs no tuning. HEALNet's own margin is printed alongside when
 its predictions are there.
 
     .venv/bin/python benchmarks/fusion_ceiling.py results/COHORT [results/OTHER ...]
@@ -61,7 +62,8 @@ def ceiling(results: Path) -> str:
     best_w = max(scores, key=scores.get)
     best_unimodal = max(scores[0.0], scores[1.0])
     line = (f"{results}: abmil {scores[0.0]:.3f}  snn {scores[1.0]:.3f}  best mix {scores[best_w]:.3f} "
-            f"(w_snn={best_w:.1f}, +{scores[best_w] - best_unimodal:.3f} over the better one)")
+            f"(w_snn={best_w:.1f}, +{scores[best_w] - best_unimodal:.3f} over the better one; "
+            f"w_snn=0.5 fixed in advance: {scores[0.5] - best_unimodal:+.3f})")
     healnet = held_out(results, "healnet")
     if healnet is not None:
         healnet = healnet.loc[healnet.index.intersection(index)]
