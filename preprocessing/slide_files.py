@@ -15,7 +15,8 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide",
 
 
 class SlideFolderError(ValueError):
-    """The slides folder is missing, or two of its slide files share a stem."""
+    """The slides folder is missing, or two of its slide files share a stem (the message says which;
+    the caller names the folder)."""
 
 
 def find_slide_files(folder: str | Path) -> dict[str, Path]:
@@ -25,7 +26,7 @@ def find_slide_files(folder: str | Path) -> dict[str, Path]:
     """
     root = Path(folder)
     if not root.is_dir():
-        raise SlideFolderError(f"slides folder {root} does not exist")
+        raise SlideFolderError("the slides folder does not exist")
     found: dict[str, list[Path]] = {}
     seen: set[str] = set()
     for here, dirs, files in os.walk(root, followlinks=True):
@@ -43,6 +44,6 @@ def find_slide_files(folder: str | Path) -> dict[str, Path]:
     if clashes:
         stem, paths = sorted(clashes.items())[0]
         listed = ", ".join(str(p.relative_to(root)) for p in sorted(paths))
-        raise SlideFolderError(f"slides folder {root}: {len(clashes)} slide name(s) occur more than once, "
+        raise SlideFolderError(f"{len(clashes)} slide name(s) occur more than once under the slides folder, "
                                f"e.g. {stem} ({listed}); outputs are named by slide, so keep one")
     return {stem: paths[0] for stem, paths in sorted(found.items())}

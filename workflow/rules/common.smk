@@ -65,7 +65,7 @@ def cohort_slides(cohort):
     try:
         return {stem: str(path) for stem, path in find_slide_files(folder).items()}
     except SlideFolderError as err:
-        raise ValueError(f"cohort {cohort}: {err}") from None
+        raise ValueError(f"cohort {cohort}, slides folder {folder}: {err}") from None
 
 
 def slide_path(wildcards):
