@@ -37,7 +37,7 @@ include: "workflow/rules/common.smk"
 
 
 wildcard_constraints:
-    cohort=r"[A-Za-z0-9_]+",
+    cohort=r"[A-Za-z0-9_][A-Za-z0-9_\-]*",
     slide=r"[^/]+",
     model=r"[a-z_]+",
     fold=r"\d+",

@@ -93,3 +93,10 @@ def test_snakemake_accepts_an_exponent_without_a_dot(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_cohort_names_may_be_tcga_project_ids() -> None:
+    assert "TCGA-LUAD" in validate_config({"cohorts": {"TCGA-LUAD": {"demo": True}}})["cohorts"]
+    for bad in ("-LUAD", "LUAD/2", "LU AD"):
+        with pytest.raises(InputError, match="cohorts"):
+            validate_config({"cohorts": {bad: {"demo": True}}})

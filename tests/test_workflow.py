@@ -175,3 +175,14 @@ def test_slides_in_gdc_download_folders_are_found(tmp_path: Path) -> None:
     assert clash.returncode != 0
     assert f"uuid-2/{names[2]}" in clash.stdout + clash.stderr
     assert f"copy/{names[2]}" in clash.stdout + clash.stderr
+
+
+def test_a_cohort_named_like_a_tcga_project_is_planned(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "TCGA-ZZ-0001-01Z-00-DX1.svs").touch()
+    config = {"cohorts": {"TCGA-LUAD": {"slides": str(slides), "omics": str(tmp_path / "omics")}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake(tmp_path, "-n", "--cores", "1", "--quiet", "rules")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert job_counts(dry.stdout)["report"] == "1"
