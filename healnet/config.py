@@ -66,35 +66,25 @@ def _with_defaults(validator_class: type) -> type:
     return import_jsonschema().validators.extend(validator_class, {"properties": set_defaults})
 
 
-def numbers_from_strings(config: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
+def numbers_from_strings(config: dict[str, Any], schema: dict[str, Any] | None = None) -> None:
     """Turn strings such as ``"1e-4"`` into floats where the schema asks for a number, in place.
 
     Snakemake reads config files and ``--config`` values as YAML 1.1, in which an exponent without
     a dot is text, so ``lr: 1e-4`` would otherwise fail validation as "not of type number". Only
     whole decimal numbers are converted; anything else is left for the validator to report.
-    Returns the dotted keys that were converted.
     """
     if schema is None:
         schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    converted: list[str] = []
-
-    def walk(instance: Any, sub: dict[str, Any], where: str) -> None:
-        if not isinstance(instance, dict):
-            return
-        for key, prop in sub.get("properties", {}).items():
-            if key not in instance:
-                continue
-            value = instance[key]
-            types = prop.get("type", [])
-            types = [types] if isinstance(types, str) else types
-            if "number" in types and isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-                instance[key] = float(value)
-                converted.append(f"{where}{key}")
-            else:
-                walk(value, prop, f"{where}{key}.")
-
-    walk(config, schema, "")
-    return converted
+    if not isinstance(config, dict):
+        return
+    for key, prop in schema.get("properties", {}).items():
+        value = config.get(key)
+        types = prop.get("type", [])
+        wants_number = "number" in ([types] if isinstance(types, str) else types)
+        if wants_number and isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+            config[key] = float(value)
+        elif isinstance(value, dict):
+            numbers_from_strings(value, prop)
 
 
 def validate_config(config: dict[str, Any], source: str | Path = "config") -> dict[str, Any]:
