@@ -19,8 +19,8 @@ import pandas as pd
 
 from preprocessing.errors import InputError
 from preprocessing.omics.barcodes import describe_rows, slide_patient
-from preprocessing.omics.readers import MODALITIES, SLIDE_SUFFIXES, CohortTables, slide_stem
-from preprocessing.slide_files import SlideFolderError, find_slide_files
+from preprocessing.omics.readers import MODALITIES, CohortTables, slide_stem
+from preprocessing.slide_files import SLIDE_SUFFIXES, SlideFolderError, find_slide_files
 from preprocessing.tiles_io import read_tiles
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ CLINICAL_COVARIATES = ("age", "is_female")
 def list_slide_files(folder: str | Path) -> list[str]:
     """Stems of the slide files in ``folder`` or its subfolders (:mod:`preprocessing.slide_files`)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(folder, "slides folder not found")
     try:
         stems = list(find_slide_files(folder))
     except SlideFolderError as err:
