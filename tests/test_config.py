@@ -21,6 +21,16 @@ def default_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())
 
 
+def dry_run(workdir: Path, configfile: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``snakemake -n`` of this repository's Snakefile with ``configfile``, run in ``workdir``."""
+    snakemake = Path(sys.executable).parent / "snakemake"
+    return subprocess.run(
+        [str(snakemake), "-n", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
+         str(configfile), *extra],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+
+
 def test_default_config_is_valid_and_defaults_fill_missing_sections() -> None:
     cfg = load_config(REPO / "config.yaml")
     assert cfg["tiling"]["target_mpp"] == 0.5
@@ -51,11 +61,7 @@ def test_snakemake_refuses_unknown_key_with_its_name(tmp_path: Path) -> None:
     cfg["extract"]["batchsize"] = 3
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    snakemake = Path(sys.executable).parent / "snakemake"
-    run = subprocess.run(
-        [str(snakemake), "-n", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(path)],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )
+    run = dry_run(tmp_path, path)
     assert run.returncode != 0
     assert "batchsize" in run.stdout + run.stderr
 
@@ -86,12 +92,7 @@ def test_snakemake_accepts_an_exponent_without_a_dot(tmp_path: Path) -> None:
     text = (REPO / "config.yaml").read_text()
     path.write_text(text.replace("weight_decay: 0.0001\n", "weight_decay: 1e-5\n"))
     assert "weight_decay: 1e-5\n" in path.read_text()
-    snakemake = Path(sys.executable).parent / "snakemake"
-    run = subprocess.run(
-        [str(snakemake), "-n", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(path),
-         "--config", "healnet={attn_dropout: 5e-2}"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )
+    run = dry_run(tmp_path, path, "--config", "healnet={attn_dropout: 5e-2}")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
 
 
