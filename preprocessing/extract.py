@@ -207,19 +207,26 @@ class FeatureRunner:
 
     channels_last memory on CPU and GPU; on CPU the model is traced and frozen
     (:func:`preprocessing.encoders.freeze_model`, unless it comes frozen from an encoder file); on
-    CUDA autocast (bf16 where supported, else fp16), cuDNN autotuning and non-blocking copies from
-    pinned memory.
+    CUDA autocast (bf16 where supported, else fp16) and non-blocking copies from pinned memory.
+    ``pad_to`` pads shorter batches with blank patches (dropped from the output), so that the model
+    sees a single batch shape: on an H200 each new shape cost 2-3.5 s of one-off set-up in every
+    process, and a slide's short first and last batches paid it twice more.
     """
 
-    def __init__(self, encoder: Encoder, device: torch.device, freeze: bool = True) -> None:
+    def __init__(self, encoder: Encoder, device: torch.device, freeze: bool = True,
+                 pad_to: int | None = None) -> None:
         self.device = device
+        self.pad_to = pad_to
         self.model = encoder.model.to(device).to(memory_format=torch.channels_last).eval()
         self.normalise = Normalise(encoder.mean, encoder.std).to(device)
         self.feature_dim = encoder.feature_dim
+        self.input_size = encoder.input_size
         self.amp_dtype: torch.dtype | None = None
         self.frozen = False
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            # No cuDNN autotuning: reading bounds extraction (the GPU runs ~20x faster than the
+            # readers), and autotuning the first batch of a fresh process took 9.7 s on an H200.
+            torch.backends.cudnn.benchmark = False
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         elif freeze:
             # Frozen (batch norm folded) and optimised for this CPU: 2-3x faster than eager mode.
@@ -234,13 +241,29 @@ class FeatureRunner:
         """Features of a uint8 (N, H, W, 3) batch, float32 (N, D) on the runner's device."""
         if self.device.type == "cpu" and len(batch) > CPU_MICRO_BATCH:
             return torch.cat([self(part) for part in batch.split(CPU_MICRO_BATCH)])
-        x = self.normalise(batch.to(self.device, non_blocking=True))
+        n = len(batch)
+        x = batch.to(self.device, non_blocking=True)
+        if self.pad_to is not None and n < self.pad_to:
+            x = torch.cat([x, x.new_zeros((self.pad_to - n, *x.shape[1:]))])
+        x = self.normalise(x)
         if self.amp_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.amp_dtype):
                 out = self.model(x)
         else:
             out = self.model(x)
-        return out.float()
+        return out[:n].float()
+
+    def warm_up(self) -> None:
+        """On a GPU, run one blank batch, so that the one-off set-up is done before real batches come.
+
+        Called while the reader processes fill their first batches, which hides its cost (3-4 s on
+        an H200); on CPU it does nothing.
+        """
+        if self.device.type != "cuda" or self.pad_to is None:
+            return
+        height, width = self.input_size
+        self(torch.zeros((self.pad_to, height, width, 3), dtype=torch.uint8))
+        torch.cuda.synchronize(self.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,11 +444,16 @@ def _embed_patches(dataset: PatchDataset, runner: FeatureRunner, writer: _RowWri
     interactive = sys.stderr.isatty()
     bar = tqdm(total=len(coords), unit="patch", desc=slide.name, file=sys.stderr, disable=not progress,
                mininterval=0.5 if interactive else 30, dynamic_ncols=interactive)
-    loader = make_loader(dataset, batch_size, workers, pin_memory=runner.device.type == "cuda")
+    on_gpu = runner.device.type == "cuda"
+    # on a GPU two batches queued per reader, so that readers keep reading through the warm-up
+    loader = make_loader(dataset, batch_size, workers, pin_memory=on_gpu,
+                         prefetch_batches=2 * workers if on_gpu else 4)
     pending: tuple[torch.Tensor, np.ndarray] | None = None
     start = time.perf_counter()
     with bar, single_threaded_opencv():
-        for images, indices, status in loader:
+        batches = iter(loader)  # the reader processes start on their first batches here
+        runner.warm_up()
+        for images, indices, status in batches:
             status_np, indices_np = status.numpy(), indices.numpy()
             good = status_np != BAD
             result.stain_unchanged += int((status_np == STAIN_SKIPPED).sum())
@@ -539,9 +567,11 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
             dataset = PatchDataset(slide, coords, int(meta["level"]), attrs["read_size"], enc.input_size,
                                    enc.interpolation, stain)
             writer = _RowWriter(features, rows)
-            loop = _embed_patches(dataset, FeatureRunner(enc, torch_device), writer, slide=slide,
-                                  batch_size=batch_size, workers=workers,
-                                  max_bad_patch_fraction=max_bad_patch_fraction, progress=progress)
+            pad_to = batch_size if torch_device.type == "cuda" else None  # one batch shape on a GPU
+            runner = FeatureRunner(enc, torch_device, pad_to=pad_to)
+            loop = _embed_patches(dataset, runner, writer, slide=slide, batch_size=batch_size,
+                                  workers=workers, max_bad_patch_fraction=max_bad_patch_fraction,
+                                  progress=progress)
             n_written = writer.close()
             if n_written != int(loop.kept.sum()):
                 raise RuntimeError(f"{slide}: {n_written} feature rows for {int(loop.kept.sum())} patches")

@@ -318,6 +318,16 @@ def test_cpu_runner_freezes_the_encoder_only_when_that_keeps_its_features(encode
     torch.testing.assert_close(runner(small), FeatureRunner(odd, torch.device("cpu"), freeze=False)(small))
 
 
+def test_padding_a_short_batch_to_one_shape_leaves_each_patchs_features_unchanged(encoder):
+    # On a GPU the runner pads the first and last batches of a slide to the full batch size.
+    batch = torch.randint(0, 256, (3, *encoder.input_size, 3), dtype=torch.uint8)
+    padded = FeatureRunner(encoder, torch.device("cpu"), freeze=False, pad_to=8)
+    out = padded(batch)
+    assert out.shape == (3, encoder.feature_dim)
+    torch.testing.assert_close(out, FeatureRunner(encoder, torch.device("cpu"), freeze=False)(batch))
+    torch.testing.assert_close(padded(batch[1:2]), out[1:2])
+
+
 def test_frozen_encoder_file_gives_the_same_store_and_is_checked(data, encoder, tmp_path):
     frozen = tmp_path / "encoder.pt"
     assert healnet_main(["encoder", "--encoder", "efficientnet_lite0", "-o", str(frozen)]) == 0
