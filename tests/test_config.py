@@ -37,6 +37,9 @@ def test_default_config_is_valid_and_defaults_fill_missing_sections() -> None:
     minimal = validate_config({"cohorts": {"X": {"demo": True}}})
     assert minimal["extract"]["encoder"] == "efficientnet_lite0"
     assert minimal["models"] == ["healnet", "snn", "abmil", "perceiver", "late_fusion"]
+    assert minimal["extract"]["workers"] == "auto"
+    three = validate_config({"cohorts": {"X": {"demo": True}}, "extract": {"workers": 3}})
+    assert three["extract"]["workers"] == 3
 
 
 @pytest.mark.parametrize(
@@ -47,6 +50,8 @@ def test_default_config_is_valid_and_defaults_fill_missing_sections() -> None:
         (lambda c: c["tiling"].update(target_mpp="half"), "tiling.target_mpp"),
         (lambda c: c["cohorts"]["DEMO"].update(slide="x"), "slide"),
         (lambda c: c.update(models=["healnet", "resnet"]), "models.1"),
+        (lambda c: c["extract"].update(workers="many"), "extract.workers"),
+        (lambda c: c["extract"].update(workers=-1), "extract.workers"),
     ],
 )
 def test_bad_config_names_the_key(edit, named: str) -> None:

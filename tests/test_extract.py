@@ -34,7 +34,15 @@ from preprocessing.encoders import (
     sha256_file,
 )
 from preprocessing.errors import InputError
-from preprocessing.extract import FeatureRunner, batch_indices, cli, extract_slide, is_complete, read_store
+from preprocessing.extract import (
+    FeatureRunner,
+    auto_workers,
+    batch_indices,
+    cli,
+    extract_slide,
+    is_complete,
+    read_store,
+)
 from preprocessing.svs_writer import write_svs_from_array
 from preprocessing.tiles_io import read_tiles, write_tiles
 
@@ -112,6 +120,23 @@ def test_features_do_not_depend_on_batch_size_workers_or_run(data, encoder, tmp_
     reference, _, _ = read_store(data["store"])
     assert again.dtype == np.float32 and attrs["dtype"] == "float32"
     np.testing.assert_allclose(again, reference.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_auto_workers_give_a_gpu_job_all_its_cores_but_one_and_a_cpu_job_one_reader():
+    assert auto_workers(torch.device("cuda"), 8) == 7
+    assert auto_workers(torch.device("cuda"), 1) == 1
+    assert auto_workers(torch.device("cpu"), 8) == 1
+
+
+def test_cli_takes_workers_auto_and_refuses_other_words(data, tmp_path, capsys):
+    out = tmp_path / "auto.zarr"
+    args = [str(data["slide"]), str(data["tiles"]), "-o", str(out), "--device", "cpu", "--no-progress"]
+    assert cli([*args, "--workers", "auto"]) == 0
+    np.testing.assert_allclose(read_store(out)[0], read_store(data["store"])[0], atol=1e-3)
+    with pytest.raises(SystemExit) as stop:
+        cli([*args, "--workers", "many"])
+    assert stop.value.code == 2
+    assert "--workers: not a number of processes nor auto: 'many'" in capsys.readouterr().err
 
 
 def test_complete_store_is_reused_and_other_tiles_are_recomputed(data, encoder, tmp_path):
