@@ -677,6 +677,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", required=True, type=Path)
     parser.add_argument("--results-dir", required=True, type=Path)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes reading WSI bags (default: training.workers of the config)")
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -687,6 +689,12 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     device = resolve_device(args.device or config["training"]["device"])
+    if args.workers is not None:
+        if args.workers < 0:
+            raise InputError("--workers", f"must be 0 or more, got {args.workers}")
+        config["training"]["workers"] = args.workers
+    if args.threads is not None:
+        config["training"]["threads"] = args.threads  # recorded in log.json as run
     table = run_cv(
         config,
         args.cohort,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import sys
@@ -80,6 +81,29 @@ def test_an_interrupted_run_retrains_only_the_missing_fold(tiny_run: Path) -> No
     assert jobs["train_fold"] == "1" and jobs["train"] == "1"
     assert "wildcards: cohort=TINY, model=healnet, fold=1" in dry.stdout
     assert set(jobs) - {"total"} == {"train_fold", "train", "evaluate", "report", "all"}
+
+
+def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Path) -> None:
+    """Tuning readers, batch size or threads for a cluster must not throw away finished stores and
+    models (Snakemake deletes a job's outputs before rerunning it); the learning rate must retrain."""
+    original = (tiny_run / "config.yaml").read_text()
+
+    def dry_run_with(extract: dict, training: dict) -> subprocess.CompletedProcess:
+        edited = copy.deepcopy(TINY)
+        edited.setdefault("extract", {}).update(extract)
+        edited["training"].update(training)
+        (tiny_run / "config.yaml").write_text(yaml.safe_dump(edited))
+        return snakemake(tiny_run, "-n", "--cores", "2")
+
+    try:
+        tuned = dry_run_with({"workers": 3, "batch_size": 16, "threads": 2}, {"workers": 2, "threads": 2})
+        retrained = dry_run_with({}, {"lr": 0.001})
+    finally:
+        (tiny_run / "config.yaml").write_text(original)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "Nothing to be done" in tuned.stdout + tuned.stderr
+    jobs = job_counts(retrained.stdout)
+    assert jobs["train_fold"] == "15" and "extract" not in jobs
 
 
 def test_corrupt_slide_is_listed_and_its_patient_has_no_slide(tiny_run: Path) -> None:

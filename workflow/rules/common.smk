@@ -149,13 +149,23 @@ def omics_args(wildcards):
 
 
 # ---- train, evaluate, report -----------------------------------------------------------------
+# Settings that change how fast a job runs, not what it writes, reach the commands as `threads` and
+# `resources`, not as params or in the training snapshot, so that changing them reruns nothing:
+# Snakemake reruns a job whose params or inputs change, after deleting its outputs. They are
+# extract.workers and extract.batch_size (features do not depend on them), and training.workers
+# and training.threads (bags are drawn from seeds made in the main process; another thread count
+# can change a retrained model's float sums in their last bits, nothing more).
+TRAINING_RUN_SETTINGS = ("workers", "threads")
+
+
 def training_settings(wildcards):
     """The effective training settings (file + --config overrides, defaults filled in) as JSON: a
-    change reruns training, while a change elsewhere (e.g. report settings) does not."""
+    change reruns training, while a change elsewhere (e.g. report settings, or the run settings
+    above) does not."""
     return json.dumps(
         {
             "cohorts": {wildcards.cohort: cohort_config(wildcards.cohort)},
-            "training": config["training"],
+            "training": {k: v for k, v in config["training"].items() if k not in TRAINING_RUN_SETTINGS},
             "healnet": config["healnet"],
         },
         sort_keys=True,

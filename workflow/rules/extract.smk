@@ -37,7 +37,9 @@ rule extract:
         "benchmarks/out/{cohort}/extract/{encoder}/{slide}.tsv"
     params:
         healnet=HEALNET,
-        e=config["extract"],
+        device=config["extract"]["device"],
+        dtype=config["extract"]["dtype"],
+        max_bad=config["extract"]["max_bad_patch_fraction"],
         options=" ".join(
             [
                 optional_flag("--weights", config["extract"]["weights"]),
@@ -50,11 +52,14 @@ rule extract:
         mem_mb=8000,
         runtime=120,
         gpu=device_needs_gpu("extract"),
+        # run settings (see common.smk): resources, not params, so that changing them re-extracts nothing
+        readers=config["extract"]["workers"],
+        patches_per_batch=config["extract"]["batch_size"],
     conda:
         "../../envs/slides.yaml"
     shell:
         "{params.healnet} extract {input.slide:q} {input.tiles:q} -o {output.store:q}"
         " --encoder {wildcards.encoder} --encoder-file {input.encoder:q} {params.options}"
-        " --batch-size {params.e[batch_size]}"
-        " --device {params.e[device]} --dtype {params.e[dtype]} --workers {params.e[workers]}"
-        " --threads {threads} --max-bad-patch-fraction {params.e[max_bad_patch_fraction]} > {log:q} 2>&1"
+        " --device {params.device} --dtype {params.dtype} --max-bad-patch-fraction {params.max_bad}"
+        " --batch-size {resources.patches_per_batch} --workers {resources.readers}"
+        " --threads {threads} > {log:q} 2>&1"

@@ -42,6 +42,7 @@ rule train_fold:
         mem_mb=8000,
         runtime=240,
         gpu=device_needs_gpu("training"),
+        readers=config["training"]["workers"],  # a run setting (see common.smk)
     conda:
         "../../envs/model.yaml"
     shell:
@@ -50,7 +51,7 @@ rule train_fold:
         " --omics-dir omics/{wildcards.cohort} --features-dir features/{wildcards.cohort}/{params.encoder}"
         " --models-dir models/{wildcards.cohort}/{wildcards.model}"
         " --results-dir results/{wildcards.cohort}/{wildcards.model}/fold{wildcards.fold}"
-        " --threads {threads} --device {params.device} > {log} 2>&1"
+        " --threads {threads} --workers {resources.readers} --device {params.device} > {log} 2>&1"
 
 
 # The folds of one model joined into the files an all-fold `healnet train` writes.
