@@ -154,7 +154,7 @@ def omics_args(wildcards):
 # Snakemake reruns a job whose params or inputs change, after deleting its outputs. They are
 # extract.workers and extract.batch_size (features do not depend on them), and training.workers
 # and training.threads (bags are drawn from seeds made in the main process; another thread count
-# can change a retrained model's float sums in their last bits, nothing more).
+# only reorders float sums, so a model retrained with it may differ in the last digits).
 TRAINING_RUN_SETTINGS = ("workers", "threads")
 
 
