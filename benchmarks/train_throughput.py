@@ -34,6 +34,7 @@ from healnet.baselines import build_model, model_spec
 from healnet.config import load_config
 from healnet.data import BagBatchSampler, BagDataset, make_loader
 from healnet.train import fit_omics, prepare_cohort, resolve_device, train_model
+from preprocessing.workers import resolve_workers, workers_argument
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out" / "train_synthetic"
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patches", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=None, help="default: training.workers of the config")
+    parser.add_argument("--workers", type=workers_argument, default=None,
+                        help="a number or auto (default: training.workers of the config)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: training.batch_size")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--skip-demo", action="store_true")
@@ -189,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     if args.batch_size:
         config["training"]["batch_size"] = args.batch_size
-    workers = config["training"]["workers"] if args.workers is None else args.workers
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    setting = config["training"]["workers"] if args.workers is None else args.workers
+    workers = resolve_workers(setting, device.type, args.threads)
     print(
         f"model {args.model}, device {device}, {args.threads} torch thread(s), {workers} loader worker(s), "
         f"batch {config['training']['batch_size']}, max {config['training']['max_patches_train']} patches/bag"

@@ -52,6 +52,7 @@ from healnet.metrics import fold_metrics, survival_at, survival_knots
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
 from preprocessing.atomic import atomic_output
 from preprocessing.errors import InputError
+from preprocessing.workers import AUTO, resolve_workers, workers_argument
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +635,8 @@ def run_cv(
     bad = [f for f in folds if f not in available]
     if bad:
         raise InputError("--folds", f"fold(s) {bad} not in splits.parquet (has {available})")
-    workers = int(config["training"]["workers"])
+    workers = resolve_workers(config["training"]["workers"], device.type, threads or torch.get_num_threads())
+    config = {**config, "training": {**config["training"], "workers": workers}}  # log.json: what ran
     models_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = [run_fold(cohort, model_name, f, config, device, models_dir, workers) for f in folds]
@@ -677,8 +679,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", required=True, type=Path)
     parser.add_argument("--results-dir", required=True, type=Path)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes reading WSI bags (default: training.workers of the config)")
+    parser.add_argument("--workers", type=workers_argument, default=None,
+                        help="processes reading WSI bags, or auto (default: training.workers of the config)")
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -690,8 +692,8 @@ def cli(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     device = resolve_device(args.device or config["training"]["device"])
     if args.workers is not None:
-        if args.workers < 0:
-            raise InputError("--workers", f"must be 0 or more, got {args.workers}")
+        if args.workers != AUTO and args.workers < 0:
+            raise InputError("--workers", f"must be 0 or more, or auto, got {args.workers}")
         config["training"]["workers"] = args.workers
     if args.threads is not None:
         config["training"]["threads"] = args.threads  # recorded in log.json as run

@@ -61,6 +61,7 @@ from preprocessing.encoders import (
 )
 from preprocessing.errors import InputError
 from preprocessing.tiles_io import read_tiles
+from preprocessing.workers import AUTO, resolve_workers, workers_argument
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +163,6 @@ def batch_indices(n: int, batch_size: int, first: int = FIRST_BATCH) -> list[lis
 def reader_processes(n: int, batch_size: int, workers: int) -> int:
     """Worker processes worth starting: none when a single batch leaves nothing to overlap."""
     return workers if n > batch_size else 0
-
-
-def auto_workers(device: torch.device, threads: int) -> int:
-    """Reader processes for ``--workers auto``: on a GPU all of the job's cores but one, else one.
-
-    On a GPU reading is the bottleneck (one reader: ~50-80 patches/s, the encoder: thousands), and the
-    main process needs its own core to feed the GPU. On CPU the model needs the cores itself.
-    """
-    return max(1, threads - 1) if device.type == "cuda" else 1
 
 
 def make_loader(dataset: PatchDataset, batch_size: int, workers: int, pin_memory: bool,
@@ -503,7 +495,7 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
     slide, tiles, out = Path(slide), Path(tiles), Path(out)
     if batch_size < 1:
         raise InputError("--batch-size", f"must be at least 1, got {batch_size}")
-    if workers != "auto" and (not isinstance(workers, int) or workers < 0):
+    if workers != AUTO and (not isinstance(workers, int) or workers < 0):
         raise InputError("--workers", f"must be 0 or more, or auto, got {workers!r}")
     if dtype not in {"float16", "float32"}:
         raise InputError("--dtype", f"unknown feature dtype {dtype!r}: use float16 or float32")
@@ -521,9 +513,7 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
     if not failed and not slide.is_file():
         raise InputError(slide, "slide file not found")
     threads = threads or usable_cores()
-    if workers == "auto":
-        workers = auto_workers(torch_device, threads)
-    workers = reader_processes(len(coords), batch_size, workers)
+    workers = reader_processes(len(coords), batch_size, resolve_workers(workers, torch_device.type, threads))
     torch.set_num_threads(threads)
 
     if isinstance(encoder, Encoder):
@@ -615,15 +605,6 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
 # command line
 
 
-def _workers_argument(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of processes nor auto: {value!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``healnet extract`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -639,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                         help="stored feature precision")
-    parser.add_argument("--workers", type=_workers_argument, default=1,
+    parser.add_argument("--workers", type=workers_argument, default=1,
                         help="slide-reading worker processes (0: none; auto: on a GPU one per thread but "
                              "one, on CPU 1)")
     parser.add_argument("--threads", type=int, default=None,

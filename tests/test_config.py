@@ -37,7 +37,7 @@ def test_default_config_is_valid_and_defaults_fill_missing_sections() -> None:
     minimal = validate_config({"cohorts": {"X": {"demo": True}}})
     assert minimal["extract"]["encoder"] == "efficientnet_lite0"
     assert minimal["models"] == ["healnet", "snn", "abmil", "perceiver", "late_fusion"]
-    assert minimal["extract"]["workers"] == "auto"
+    assert minimal["extract"]["workers"] == minimal["training"]["workers"] == "auto"
     three = validate_config({"cohorts": {"X": {"demo": True}}, "extract": {"workers": 3}})
     assert three["extract"]["workers"] == 3
 
@@ -52,6 +52,7 @@ def test_default_config_is_valid_and_defaults_fill_missing_sections() -> None:
         (lambda c: c.update(models=["healnet", "resnet"]), "models.1"),
         (lambda c: c["extract"].update(workers="many"), "extract.workers"),
         (lambda c: c["extract"].update(workers=-1), "extract.workers"),
+        (lambda c: c["training"].update(workers="all"), "training.workers"),
     ],
 )
 def test_bad_config_names_the_key(edit, named: str) -> None:

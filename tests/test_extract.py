@@ -36,7 +36,6 @@ from preprocessing.encoders import (
 from preprocessing.errors import InputError
 from preprocessing.extract import (
     FeatureRunner,
-    auto_workers,
     batch_indices,
     cli,
     extract_slide,
@@ -45,6 +44,7 @@ from preprocessing.extract import (
 )
 from preprocessing.svs_writer import write_svs_from_array
 from preprocessing.tiles_io import read_tiles, write_tiles
+from preprocessing.workers import resolve_workers
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT, PATCH = 2048, 1024, 256  # 8 x 4 patches, each exactly one JPEG tile of the SVS
@@ -123,9 +123,10 @@ def test_features_do_not_depend_on_batch_size_workers_or_run(data, encoder, tmp_
 
 
 def test_auto_workers_give_a_gpu_job_all_its_cores_but_one_and_a_cpu_job_one_reader():
-    assert auto_workers(torch.device("cuda"), 8) == 7
-    assert auto_workers(torch.device("cuda"), 1) == 1
-    assert auto_workers(torch.device("cpu"), 8) == 1
+    assert resolve_workers("auto", "cuda", 8) == 7
+    assert resolve_workers("auto", "cuda", 1) == 1
+    assert resolve_workers("auto", "cpu", 8) == 1
+    assert resolve_workers(3, "cuda", 8) == 3
 
 
 def test_cli_takes_workers_auto_and_refuses_other_words(data, tmp_path, capsys):

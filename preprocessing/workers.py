@@ -1,0 +1,33 @@
+"""How many reader processes a job starts: the ``workers: auto`` rule that extraction and training share.
+
+On a GPU, reading bounds both steps: one process reads 50-80 patches/s from a slide (the encoder
+takes thousands) or 20-40 bags of 4,096 x 1,280 features per second (an H200 trained 81 patients/s).
+So ``auto`` gives a GPU job all of its threads but one, which feeds the GPU. On CPU the model needs
+the cores itself, and ``auto`` gives one reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+AUTO = "auto"
+
+
+def auto_workers(device_type: str, threads: int) -> int:
+    """Reader processes for ``auto`` on a ``cuda`` or ``cpu`` device with ``threads`` cores."""
+    return max(1, threads - 1) if device_type == "cuda" else 1
+
+
+def resolve_workers(setting: int | str, device_type: str, threads: int) -> int:
+    """A ``workers`` setting (a number, or ``auto``) as a number of reader processes."""
+    return auto_workers(device_type, threads) if setting == AUTO else int(setting)
+
+
+def workers_argument(value: str) -> int | str:
+    """argparse type of ``--workers``: a number of processes, or ``auto``."""
+    if value == AUTO:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of processes nor auto: {value!r}") from None
