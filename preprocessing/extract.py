@@ -255,16 +255,18 @@ class FeatureRunner:
         return out[:n].float()
 
     def warm_up(self) -> None:
-        """On a GPU, run one blank batch, so that the one-off set-up is done before real batches come.
+        """Run one blank batch of the padded shape, so that the one-off set-up is done before real
+        batches come (nothing to do without ``pad_to``, which extraction sets on a GPU only).
 
         Called while the reader processes fill their first batches, which hides its cost (3-4 s on
-        an H200); on CPU it does nothing.
+        an H200).
         """
-        if self.device.type != "cuda" or self.pad_to is None:
+        if self.pad_to is None:
             return
         height, width = self.input_size
         self(torch.zeros((self.pad_to, height, width, 3), dtype=torch.uint8))
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 # ---------------------------------------------------------------------------------------------

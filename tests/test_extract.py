@@ -36,6 +36,9 @@ from preprocessing.encoders import (
 from preprocessing.errors import InputError
 from preprocessing.extract import (
     FeatureRunner,
+    PatchDataset,
+    _embed_patches,
+    _RowWriter,
     batch_indices,
     cli,
     extract_slide,
@@ -352,6 +355,21 @@ def test_padding_a_short_batch_to_one_shape_leaves_each_patchs_features_unchange
     assert out.shape == (3, encoder.feature_dim)
     torch.testing.assert_close(out, FeatureRunner(encoder, torch.device("cpu"), freeze=False)(batch))
     torch.testing.assert_close(padded(batch[1:2]), out[1:2])
+
+
+def test_patch_loop_with_one_padded_batch_shape_writes_the_reference_features(data, encoder, tmp_path):
+    # The GPU path on CPU: warm-up, a short first batch padded to the batch size, reader processes.
+    runner = FeatureRunner(encoder, torch.device("cpu"), freeze=False, pad_to=12)
+    frame, meta = read_tiles(data["tiles"])
+    coords = frame[["x", "y"]].to_numpy(np.int64)
+    dataset = PatchDataset(data["slide"], coords, 0, PATCH, encoder.input_size, encoder.interpolation)
+    array = zarr.create_array(str(tmp_path / "f.zarr"), shape=(len(coords), 1280), chunks=(32, 1280),
+                              dtype="float16")
+    writer = _RowWriter(array, 32)
+    loop = _embed_patches(dataset, runner, writer, slide=data["slide"], batch_size=12, workers=1,
+                          max_bad_patch_fraction=0.0, progress=False)
+    assert writer.close() == 32 and loop.kept.all() and not loop.bad
+    np.testing.assert_allclose(array[:], read_store(data["store"])[0], atol=2e-2)
 
 
 def test_frozen_encoder_file_gives_the_same_store_and_is_checked(data, encoder, tmp_path):
