@@ -52,7 +52,7 @@ from healnet.metrics import fold_metrics, survival_at, survival_knots
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
 from preprocessing.atomic import atomic_output
 from preprocessing.errors import InputError
-from preprocessing.workers import AUTO, resolve_workers, workers_argument
+from preprocessing.workers import resolve_workers, workers_argument
 
 log = logging.getLogger(__name__)
 
@@ -691,10 +691,9 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     device = resolve_device(args.device or config["training"]["device"])
-    if args.workers is not None:
-        if args.workers != AUTO and args.workers < 0:
-            raise InputError("--workers", f"must be 0 or more, or auto, got {args.workers}")
-        config["training"]["workers"] = args.workers
+    if args.workers is not None:  # resolved (and checked) here, before the cohort is read
+        threads = args.threads or torch.get_num_threads()
+        config["training"]["workers"] = resolve_workers(args.workers, device.type, threads)
     if args.threads is not None:
         config["training"]["threads"] = args.threads  # recorded in log.json as run
     table = run_cv(

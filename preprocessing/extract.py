@@ -61,7 +61,7 @@ from preprocessing.encoders import (
 )
 from preprocessing.errors import InputError
 from preprocessing.tiles_io import read_tiles
-from preprocessing.workers import AUTO, resolve_workers, workers_argument
+from preprocessing.workers import resolve_workers, workers_argument
 
 log = logging.getLogger(__name__)
 
@@ -497,8 +497,6 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
     slide, tiles, out = Path(slide), Path(tiles), Path(out)
     if batch_size < 1:
         raise InputError("--batch-size", f"must be at least 1, got {batch_size}")
-    if workers != AUTO and (not isinstance(workers, int) or workers < 0):
-        raise InputError("--workers", f"must be 0 or more, or auto, got {workers!r}")
     if dtype not in {"float16", "float32"}:
         raise InputError("--dtype", f"unknown feature dtype {dtype!r}: use float16 or float32")
     if not 0 <= max_bad_patch_fraction <= 1:
@@ -508,14 +506,15 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
     torch_device = resolve_device(device)
     if threads is not None and threads < 1:
         raise InputError("--threads", f"must be at least 1, got {threads}")
+    threads = threads or usable_cores()
+    workers = resolve_workers(workers, torch_device.type, threads)
 
     frame, meta = _load_tiles(tiles)
     failed = meta.get("failed")
     coords = frame[["x", "y"]].to_numpy(dtype=np.int64) if not failed else np.zeros((0, 2), np.int64)
     if not failed and not slide.is_file():
         raise InputError(slide, "slide file not found")
-    threads = threads or usable_cores()
-    workers = reader_processes(len(coords), batch_size, resolve_workers(workers, torch_device.type, threads))
+    workers = reader_processes(len(coords), batch_size, workers)
     torch.set_num_threads(threads)
 
     if isinstance(encoder, Encoder):

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import argparse
 
+from preprocessing.errors import InputError
+
 AUTO = "auto"
 
 
-def auto_workers(device_type: str, threads: int) -> int:
-    """Reader processes for ``auto`` on a ``cuda`` or ``cpu`` device with ``threads`` cores."""
-    return max(1, threads - 1) if device_type == "cuda" else 1
-
-
 def resolve_workers(setting: int | str, device_type: str, threads: int) -> int:
-    """A ``workers`` setting (a number, or ``auto``) as a number of reader processes."""
-    return auto_workers(device_type, threads) if setting == AUTO else int(setting)
+    """A ``workers`` setting (a number, or ``auto``) as a number of reader processes on a ``cuda`` or
+    ``cpu`` device with ``threads`` cores; anything else is an InputError naming ``--workers``."""
+    if setting == AUTO:
+        return max(1, threads - 1) if device_type == "cuda" else 1
+    if not isinstance(setting, int) or setting < 0:
+        raise InputError("--workers", f"must be 0 or more, or auto, got {setting!r}")
+    return setting
 
 
 def workers_argument(value: str) -> int | str:

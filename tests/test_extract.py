@@ -130,6 +130,8 @@ def test_auto_workers_give_a_gpu_job_all_its_cores_but_one_and_a_cpu_job_one_rea
     assert resolve_workers("auto", "cuda", 1) == 1
     assert resolve_workers("auto", "cpu", 8) == 1
     assert resolve_workers(3, "cuda", 8) == 3
+    with pytest.raises(InputError, match="--workers: must be 0 or more, or auto, got -1"):
+        resolve_workers(-1, "cpu", 8)
 
 
 def test_cli_takes_workers_auto_and_refuses_other_words(data, tmp_path, capsys):
