@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from workflow_runner import snakemake
 
 from healnet.config import load_config, validate_config
 from preprocessing.errors import InputError
@@ -19,16 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def default_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())
-
-
-def dry_run(workdir: Path, configfile: Path, *extra: str) -> subprocess.CompletedProcess:
-    """``snakemake -n`` of this repository's Snakefile with ``configfile``, run in ``workdir``."""
-    snakemake = Path(sys.executable).parent / "snakemake"
-    return subprocess.run(
-        [str(snakemake), "-n", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
-         str(configfile), *extra],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )
 
 
 def test_default_config_is_valid_and_defaults_fill_missing_sections() -> None:
@@ -65,9 +54,8 @@ def test_bad_config_names_the_key(edit, named: str) -> None:
 def test_snakemake_refuses_unknown_key_with_its_name(tmp_path: Path) -> None:
     cfg = default_config()
     cfg["extract"]["batchsize"] = 3
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    run = dry_run(tmp_path, path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = snakemake(tmp_path, "-n", timeout=120)
     assert run.returncode != 0
     assert "batchsize" in run.stdout + run.stderr
 
@@ -98,7 +86,7 @@ def test_snakemake_accepts_an_exponent_without_a_dot(tmp_path: Path) -> None:
     text = (REPO / "config.yaml").read_text()
     path.write_text(text.replace("weight_decay: 0.0001\n", "weight_decay: 1e-5\n"))
     assert "weight_decay: 1e-5\n" in path.read_text()
-    run = dry_run(tmp_path, path, "--config", "healnet={attn_dropout: 5e-2}")
+    run = snakemake(tmp_path, "-n", "--config", "healnet={attn_dropout: 5e-2}", timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
 
 

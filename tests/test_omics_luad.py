@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from workflow_runner import snakemake
 
 from preprocessing.omics.cli import cli
 from preprocessing.omics.labels import fold_time_bins
@@ -127,12 +126,7 @@ def test_shipped_luad_config_runs_through_the_workflow(tmp_path: Path) -> None:
     config["models"] = ["snn"]
     config["training"]["epochs"] = 1
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake = Path(sys.executable).parent / "snakemake"
-    run = subprocess.run(
-        [str(snakemake), "-s", str(repo / "Snakefile"), "-d", str(tmp_path), "--configfile",
-         str(tmp_path / "config.yaml"), "--replace-workflow-config", "--cores", "2"],
-        capture_output=True, text=True, cwd=repo, timeout=600,
-    )
+    run = snakemake(tmp_path, "--cores", "2")
     assert run.returncode == 0, run.stderr[-3000:]
     snapshot = json.loads((tmp_path / "results" / "LUAD" / "config.json").read_text())
     assert snapshot["training"]["weight_decay"] == 1e-05

@@ -5,16 +5,13 @@ from __future__ import annotations
 import copy
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+from workflow_runner import REPO, SNAKEMAKE, job_counts, snakemake
 
 TINY = {
     "cohorts": {"TINY": {"demo": True}},
@@ -24,17 +21,6 @@ TINY = {
     "healnet": {"depth": 1, "n_latents": 8, "latent_dim": 32},
     "report": {"heatmap_slides": 2},
 }
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
-           str(workdir / "config.yaml"), "--replace-workflow-config", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def job_counts(stdout: str) -> dict[str, str]:
-    """Rule -> number of jobs, from the job table a (dry) run prints."""
-    return dict(re.findall(r"^(\w+)\s+(\d+)$", stdout, flags=re.M))
 
 
 @pytest.fixture(scope="module")
