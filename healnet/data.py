@@ -310,7 +310,10 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader whose worker processes read and pad bags ahead of the training step.
 
-    No workers are used when the dataset reads no WSI (omic vectors are already in memory).
+    No workers are used when the dataset reads no WSI (omic vectors are already in memory). The
+    loader draws its workers' base seed from a private generator, never torch's global one: each new
+    iterator takes a draw, and a loader without persistent workers makes one per epoch, so with the
+    global generator the dropout masks (and the c-index) would depend on the number of workers.
     """
     workers = workers if dataset.read_wsi and dataset.has_wsi.any() else 0
     extra: dict[str, Any] = {}
@@ -322,5 +325,6 @@ def make_loader(
         collate_fn=collate_bags,
         num_workers=workers,
         pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
         **extra,
     )

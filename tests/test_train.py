@@ -233,6 +233,22 @@ def test_same_seed_same_c_index(cohort: tuple[Path, Path, Path], tmp_path: Path)
     assert losses[0] != losses[2]  # another seed really changes the run
 
 
+def test_reader_count_leaves_the_numbers_unchanged(cohort: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    # training.workers is a run setting that Snakemake does not track, so it must not change results
+    omics_dir, features_dir, _ = cohort
+    values, losses = [], []
+    for workers in (0, 2):
+        config = write_config(tmp_path / f"w{workers}.yaml", modality_dropout=0.5, workers=workers)
+        out = tmp_path / f"w{workers}"
+        assert healnet_main(train_args(config, omics_dir, features_dir, out, "healnet", "--folds", "0")) == 0
+        folds = pd.read_csv(out / "results" / "healnet" / "folds.csv")
+        values.append(folds.query("metric == 'c_index'")["value"].round(6).tolist())
+        log = json.loads((out / "results" / "healnet" / "log.json").read_text())
+        losses.append([e["train_loss"] for e in log["folds"][0]["epochs"]])
+    assert log["training"]["workers"] == 2
+    assert losses[0] == losses[1] and values[0] == values[1]
+
+
 @pytest.mark.parametrize("model", ["snn", "abmil", "late_fusion"])
 def test_baselines_in_the_same_harness(cohort: tuple[Path, Path, Path], tmp_path: Path, model: str) -> None:
     omics_dir, features_dir, config = cohort
