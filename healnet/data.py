@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,15 +209,22 @@ class BagDataset(Dataset):
         feats, coords = [], []
         offset = 0
         for store in stores:
-            f_arr, c_arr = self._arrays_of(store)
-            if pick is None:
-                feats.append(np.asarray(f_arr[:]))
-                coords.append(np.asarray(c_arr[:], dtype=np.float32))
-            else:
-                local = pick[(pick >= offset) & (pick < offset + store.n)] - offset
-                if len(local):
-                    feats.append(np.asarray(f_arr.oindex[local, :]))
-                    coords.append(np.asarray(c_arr.oindex[local, :], dtype=np.float32))
+            try:
+                f_arr, c_arr = self._arrays_of(store)
+                if pick is None:
+                    feats.append(np.asarray(f_arr[:]))
+                    coords.append(np.asarray(c_arr[:], dtype=np.float32))
+                else:
+                    local = pick[(pick >= offset) & (pick < offset + store.n)] - offset
+                    if len(local):
+                        feats.append(np.asarray(f_arr.oindex[local, :]))
+                        coords.append(np.asarray(c_arr.oindex[local, :], dtype=np.float32))
+            except Exception as err:  # noqa: BLE001 - any failure here is a damaged store
+                raise InputError(
+                    store.path,
+                    f"cannot read its patch features ({type(err).__name__}: {' '.join(str(err).split())}); "
+                    "delete the store and rerun extraction",
+                ) from err
             offset += store.n
         if len(feats) == 1:
             return feats[0], coords[0]
@@ -235,9 +242,13 @@ class BagDataset(Dataset):
             "time": self.times[row],
             "wsi": None,
             "coords": None,
+            "error": None,
         }
         if self.read_wsi and self.has_wsi[row]:
-            item["wsi"], item["coords"] = self.read_bag(row, seed)
+            try:
+                item["wsi"], item["coords"] = self.read_bag(row, seed)
+            except InputError as err:  # raised by checked_batches in the main process
+                item["error"] = (err.source, err.reason)
         return item
 
 
@@ -279,6 +290,7 @@ def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
         "bin": torch.tensor([int(it["bin"]) for it in items]),
         "event": torch.tensor([float(it["event"]) for it in items]),
         "time": torch.tensor([float(it["time"]) for it in items]),
+        "errors": [it["error"] for it in items if it.get("error")],
         "wsi": None,
         "wsi_mask": None,
         "coords": None,
@@ -299,6 +311,20 @@ def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
             wsi=torch.from_numpy(wsi), coords=torch.from_numpy(coords), wsi_mask=torch.from_numpy(mask)
         )
     return out
+
+
+def checked_batches(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The batches of ``loader``; a bag that could not be read stops the run with its store named.
+
+    Readers put the failure into the batch instead of raising it: an exception raised in a worker
+    process reaches the main process as a multi-line traceback, not as the one-line error a damaged
+    store deserves.
+    """
+    for batch in loader:
+        if batch.get("errors"):
+            source, reason = batch["errors"][0]
+            raise InputError(source, reason)
+        yield batch
 
 
 def _worker_init(_: int) -> None:

@@ -46,7 +46,15 @@ from sksurv.metrics import concordance_index_censored
 from healnet.baselines import build_model, model_spec
 from healnet.collect import parse_folds
 from healnet.config import load_config
-from healnet.data import BagBatchSampler, BagDataset, OmicsTables, index_stores, load_omics_dir, make_loader
+from healnet.data import (
+    BagBatchSampler,
+    BagDataset,
+    OmicsTables,
+    checked_batches,
+    index_stores,
+    load_omics_dir,
+    make_loader,
+)
 from healnet.loss import inverse_frequency_weights, nll_survival_loss, survival_from_logits
 from healnet.metrics import fold_metrics, survival_at, survival_knots
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
@@ -197,7 +205,7 @@ def predict(
     sampler = BagBatchSampler(rows, batch_size, shuffle=False, seed=0, sample=False)
     position = {r: i for i, r in enumerate(rows)}
     out = {s: np.zeros((len(rows), model_n_bins(model)), dtype=np.float32) for s in flags}
-    for batch in make_loader(dataset, sampler, workers, pin_memory=device.type == "cuda"):
+    for batch in checked_batches(make_loader(dataset, sampler, workers, pin_memory=device.type == "cuda")):
         batch = _to_device(batch, device)
         idx = [position[int(r)] for r in batch["row"]]
         for setting, (has_wsi, has_omics) in flags.items():
@@ -261,7 +269,7 @@ def train_model(
         sampler.set_epoch(epoch)
         total_loss, n_seen, wait, start = 0.0, 0, 0.0, time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        iterator = iter(loader)
+        iterator = checked_batches(loader)
         step = 0
         while True:
             t0 = time.perf_counter()

@@ -313,6 +313,24 @@ def test_bad_inputs_are_one_line_errors(
     assert stem in err and "not marked complete" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_feature_store_is_a_one_line_error(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: int
+) -> None:
+    # a chunk that no longer decodes (disk or copy damage), read in the main process or in a reader
+    omics_dir, features_dir, _ = cohort
+    damaged = tmp_path / "features"
+    shutil.copytree(features_dir, damaged)
+    store = sorted(damaged.iterdir())[0]
+    (store / "features" / "c" / "0" / "0").write_bytes(b"not a zstd frame")
+    config = write_config(tmp_path / "c.yaml", workers=workers)
+    assert healnet_main(train_args(config, omics_dir, damaged, tmp_path, "abmil", "--folds", "0")) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert store.name in err and "delete the store and rerun extraction" in err
+    assert not (tmp_path / "results" / "abmil" / "folds.csv").exists()
+
+
 def test_evaluate_summarises_every_model(healnet_run: Path, cohort: tuple[Path, Path, Path]) -> None:
     omics_dir, features_dir, config = cohort
     assert healnet_main(train_args(config, omics_dir, features_dir, healnet_run, "snn")) == 0
