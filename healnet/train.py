@@ -30,7 +30,6 @@ import copy
 import json
 import logging
 import os
-import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -613,8 +612,9 @@ def load_checkpoint(
     """
     try:
         ckpt = torch.load(Path(path), map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise InputError(path, f"cannot read checkpoint: {err}") from err
+    except Exception as err:  # noqa: BLE001 - whatever torch.load trips on, the file is unusable
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(path, f"cannot read checkpoint ({reason}); delete it and rerun its fold") from err
     model = build_model(ckpt["model_spec"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt

@@ -18,6 +18,7 @@ pytest.importorskip("preprocessing.omics.labels")
 
 from healnet import evaluate, train  # noqa: E402
 from healnet.cli import main as healnet_main  # noqa: E402
+from preprocessing.errors import InputError  # noqa: E402
 
 N_PATIENTS, N_FOLDS, DIM = 24, 3, 16
 NO_WSI = {"TCGA-AA-0003", "TCGA-AA-0010", "TCGA-AA-0017"}  # no slide, or a slide without patches
@@ -213,6 +214,19 @@ def test_checkpoint_reproduces_the_saved_predictions(
     risk = -torch.cumprod(1 - torch.sigmoid(logits), dim=-1).sum().item()
     assert risk == pytest.approx(preds.loc[patient, "risk"], abs=1e-4)
     assert ckpt["train_median_risk"] == pytest.approx(preds["train_median_risk"].iloc[0])
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(healnet_run: Path, tmp_path: Path) -> None:
+    # truncated by a full disk or an interrupted copy, or not a checkpoint at all
+    whole = (healnet_run / "models" / "healnet" / "fold1.pt").read_bytes()
+    for name, data in (("truncated.pt", whole[: len(whole) // 2]), ("junk.pt", b"junk")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(InputError) as caught:
+            train.load_checkpoint(path)
+        message = str(caught.value)
+        assert message.startswith(str(path)) and "cannot read checkpoint" in message
+        assert len(message.splitlines()) == 1
 
 
 def test_same_seed_same_c_index(cohort: tuple[Path, Path, Path], tmp_path: Path) -> None:
