@@ -359,14 +359,15 @@ def prepare_cohort(model_name: str, omics_dir: Path, features_dir: Path | None) 
     """Load the tables and stores; decide which modalities the model gets (InputError when none)."""
     tables = load_omics_dir(omics_dir)
     manifest = tables.manifest
-    bag_map, wsi_dim = index_stores(features_dir, manifest)
+    mods = MODEL_MODALITIES[model_name]
+    # a model without a WSI branch never opens a store: its workflow job does not wait for extraction
+    bag_map, wsi_dim = index_stores(features_dir, manifest) if "wsi" in mods else ({}, None)
     patients = list(manifest.index)
     bags = [bag_map.get(p, []) for p in patients]
     has_wsi = np.array([len(b) > 0 for b in bags], dtype=bool)
     has_omics = manifest["has_omics"].to_numpy(bool) & np.isin(patients, tables.features.index)
     if tables.features.shape[1] == 0:
         has_omics[:] = False
-    mods = MODEL_MODALITIES[model_name]
     notes: list[str] = []
     if "wsi" in mods and not has_wsi.any():
         where = features_dir or "(no --features-dir)"

@@ -69,6 +69,32 @@ def test_an_interrupted_run_retrains_only_the_missing_fold(tiny_run: Path) -> No
     assert set(jobs) - {"total"} == {"train_fold", "train", "evaluate", "report", "all"}
 
 
+def test_a_lost_store_re_extracts_that_slide_alone(tiny_run: Path) -> None:
+    """A store deleted after a training job failed on it (damaged on disk): the rerun re-extracts that
+    slide only. (When the encoder file was temporary, remaking it re-extracted every slide.)"""
+    store = sorted((tiny_run / "features/TINY/efficientnet_lite0").glob("*.zarr"))[0]
+    lost = [
+        str(store.relative_to(tiny_run)),
+        "models/TINY/abmil/fold0.pt",
+        "results/TINY/abmil/fold0",
+        "results/TINY/abmil/folds.csv",
+        "results/TINY/abmil/predictions.parquet",
+        "results/TINY/summary.csv",
+    ]
+    for name in lost:
+        (tiny_run / name).rename(tiny_run / f"{name}.aside")
+    try:
+        dry = snakemake(tiny_run, "-n", "--cores", "2")
+    finally:
+        for name in lost:
+            (tiny_run / f"{name}.aside").rename(tiny_run / name)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = job_counts(dry.stdout)
+    assert jobs["extract"] == "1" and "encoder" not in jobs and "tile" not in jobs
+    assert f"output: {store.relative_to(tiny_run)}" in dry.stdout
+    assert "model=abmil, fold=0" in dry.stdout and "model=snn" not in dry.stdout  # the SNN reads no slides
+
+
 def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Path) -> None:
     """Tuning readers, batch size or threads for a cluster must not throw away finished stores and
     models (Snakemake deletes a job's outputs before rerunning it); the learning rate must retrain."""

@@ -16,6 +16,7 @@ _USES_CONDA = DeploymentMethod.CONDA in (workflow.deployment_settings.deployment
 _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
 ENCODER = config["extract"]["encoder"]
+from healnet.modalities import MODEL_MODALITIES
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
 from preprocessing.slide_files import SlideFolderError, find_slide_files
 
@@ -178,7 +179,8 @@ def train_inputs(wildcards):
         "manifest": f"omics/{wildcards.cohort}/manifest.parquet",
         "features": f"omics/{wildcards.cohort}/features.parquet",
         "splits": f"omics/{wildcards.cohort}/splits.parquet",
-        "stores": stores_of(wildcards.cohort),
+        # only models that read slides wait for (and retrain after) the feature stores
+        "stores": stores_of(wildcards.cohort) if "wsi" in MODEL_MODALITIES.get(wildcards.model, ()) else [],
     }
 
 

@@ -2,11 +2,14 @@
 
 
 # The encoder built once (weights loaded, traced, frozen): each CPU extraction job then loads it in a
-# fraction of a second instead of spending ~4 s importing timm and tracing. Temporary: it is remade
-# (in about 2 s) whenever a store has to be recomputed.
+# fraction of a second instead of spending ~4 s importing timm and tracing. Kept, not temporary:
+# Snakemake reruns every job whose input another job rewrites (ancient() does not stop that), so a
+# remade encoder file would send every finished store of the cohort back to extraction whenever one
+# slide needed extracting (a slide added, a lost store). Stores follow the encoder itself: its name
+# is in their path and its weights file in the params of both rules.
 rule encoder:
     output:
-        temp("features/{cohort}/{encoder}/encoder.pt"),
+        "features/{cohort}/{encoder}/encoder.pt",
     log:
         "logs/{cohort}/encoder/{encoder}.log",
     benchmark:
