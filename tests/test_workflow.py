@@ -45,24 +45,34 @@ def test_whole_dag_runs_and_second_run_does_nothing(tiny_run: Path) -> None:
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def failed_fold(model: str, fold: int) -> list[str]:
+    """What a failed fold job leaves missing: its outputs (Snakemake removes them) and what follows."""
+    return [
+        f"models/TINY/{model}/fold{fold}.pt",
+        f"results/TINY/{model}/fold{fold}",
+        f"results/TINY/{model}/folds.csv",
+        f"results/TINY/{model}/predictions.parquet",
+        "results/TINY/summary.csv",
+    ]
+
+
+def dry_run_without(workdir: Path, lost: list[str]) -> subprocess.CompletedProcess:
+    """The dry run of a finished run with these outputs missing (moved aside, then put back)."""
+    for name in lost:
+        (workdir / name).rename(workdir / f"{name}.aside")
+    try:
+        dry = snakemake(workdir, "-n", "--cores", "2")
+    finally:
+        for name in lost:
+            (workdir / f"{name}.aside").rename(workdir / name)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    return dry
+
+
 def test_an_interrupted_run_retrains_only_the_missing_fold(tiny_run: Path) -> None:
     """Each fold is its own job: when one fold's job failed (Snakemake then removes its outputs) and
     nothing downstream ran, the rerun trains that fold alone, not its finished siblings."""
-    lost = [
-        "models/TINY/healnet/fold1.pt",
-        "results/TINY/healnet/fold1",
-        "results/TINY/healnet/folds.csv",
-        "results/TINY/healnet/predictions.parquet",
-        "results/TINY/summary.csv",
-    ]
-    for name in lost:
-        (tiny_run / name).rename(tiny_run / f"{name}.aside")
-    try:
-        dry = snakemake(tiny_run, "-n", "--cores", "2")
-    finally:
-        for name in lost:
-            (tiny_run / f"{name}.aside").rename(tiny_run / name)
-    assert dry.returncode == 0, dry.stderr[-3000:]
+    dry = dry_run_without(tiny_run, failed_fold("healnet", 1))
     jobs = job_counts(dry.stdout)
     assert jobs["train_fold"] == "1" and jobs["train"] == "1"
     assert "wildcards: cohort=TINY, model=healnet, fold=1" in dry.stdout
@@ -73,22 +83,7 @@ def test_a_lost_store_re_extracts_that_slide_alone(tiny_run: Path) -> None:
     """A store deleted after a training job failed on it (damaged on disk): the rerun re-extracts that
     slide only. (When the encoder file was temporary, remaking it re-extracted every slide.)"""
     store = sorted((tiny_run / "features/TINY/efficientnet_lite0").glob("*.zarr"))[0]
-    lost = [
-        str(store.relative_to(tiny_run)),
-        "models/TINY/abmil/fold0.pt",
-        "results/TINY/abmil/fold0",
-        "results/TINY/abmil/folds.csv",
-        "results/TINY/abmil/predictions.parquet",
-        "results/TINY/summary.csv",
-    ]
-    for name in lost:
-        (tiny_run / name).rename(tiny_run / f"{name}.aside")
-    try:
-        dry = snakemake(tiny_run, "-n", "--cores", "2")
-    finally:
-        for name in lost:
-            (tiny_run / f"{name}.aside").rename(tiny_run / name)
-    assert dry.returncode == 0, dry.stderr[-3000:]
+    dry = dry_run_without(tiny_run, [str(store.relative_to(tiny_run)), *failed_fold("abmil", 0)])
     jobs = job_counts(dry.stdout)
     assert jobs["extract"] == "1" and "encoder" not in jobs and "tile" not in jobs
     assert f"output: {store.relative_to(tiny_run)}" in dry.stdout
