@@ -161,6 +161,13 @@ def index_stores(
     return bags, (next(iter(dims)) if dims else None)
 
 
+def damaged_store(path: Path, err: Exception) -> InputError:
+    """The one-line error for a feature store that exists but cannot be read, and how to recover."""
+    reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    advice = "delete the store and rerun extraction"
+    return InputError(path, f"cannot read its patch features ({reason}); {advice}")
+
+
 class BagDataset(Dataset):
     """Per-patient model inputs; items are fetched with keys ``(row, seed)``.
 
@@ -220,11 +227,7 @@ class BagDataset(Dataset):
                         feats.append(np.asarray(f_arr.oindex[local, :]))
                         coords.append(np.asarray(c_arr.oindex[local, :], dtype=np.float32))
             except Exception as err:  # noqa: BLE001 - any failure here is a damaged store
-                raise InputError(
-                    store.path,
-                    f"cannot read its patch features ({type(err).__name__}: {' '.join(str(err).split())}); "
-                    "delete the store and rerun extraction",
-                ) from err
+                raise damaged_store(store.path, err) from err
             offset += store.n
         if len(feats) == 1:
             return feats[0], coords[0]

@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import zarr  # noqa: E402
 
+from healnet.data import damaged_store  # noqa: E402
 from healnet.report import message_figure, save_figure  # noqa: E402
 from preprocessing.tiles_io import read_tiles  # noqa: E402
 
@@ -41,10 +42,13 @@ def read_bag(features_dir: Path, slides: list[str]) -> tuple[np.ndarray, list[tu
         path = features_dir / f"{stem}.zarr"
         if not path.exists():
             continue
-        group = zarr.open_group(str(path), mode="r")
-        if group["features"].shape[0]:
-            feats.append(np.asarray(group["features"][:], dtype=np.float32))
-            coords.append((stem, np.asarray(group["coords"][:])))
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            if group["features"].shape[0]:
+                feats.append(np.asarray(group["features"][:], dtype=np.float32))
+                coords.append((stem, np.asarray(group["coords"][:])))
+        except Exception as err:  # noqa: BLE001 - any failure here is a damaged store
+            raise damaged_store(path, err) from err
     if not feats:
         return np.zeros((0, 0), np.float32), []
     return np.concatenate(feats), coords

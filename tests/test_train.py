@@ -16,7 +16,7 @@ import zarr
 pytest.importorskip("preprocessing.omics.transforms")
 pytest.importorskip("preprocessing.omics.labels")
 
-from healnet import evaluate, train  # noqa: E402
+from healnet import evaluate, explain, train  # noqa: E402
 from healnet.cli import main as healnet_main  # noqa: E402
 from preprocessing.errors import InputError  # noqa: E402
 
@@ -343,6 +343,9 @@ def test_a_damaged_feature_store_is_a_one_line_error(
     assert len(err.strip().splitlines()) == 1
     assert store.name in err and "delete the store and rerun extraction" in err
     assert not (tmp_path / "results" / "abmil" / "folds.csv").exists()
+    # the report's heatmap reader says the same
+    with pytest.raises(InputError, match="delete the store and rerun extraction"):
+        explain.read_bag(damaged, [store.name.removesuffix(".zarr")])
 
 
 def test_evaluate_summarises_every_model(healnet_run: Path, cohort: tuple[Path, Path, Path]) -> None:
