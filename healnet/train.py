@@ -638,14 +638,15 @@ def run_cv(
         raise InputError("--model", f"unknown model {model_name!r}; choose from {sorted(MODEL_MODALITIES)}")
     if threads:
         torch.set_num_threads(threads)
+    # checked before the cohort is read; log.json records the number that ran
+    workers = resolve_workers(config["training"]["workers"], device.type, torch.get_num_threads())
+    config = {**config, "training": {**config["training"], "workers": workers}}
     cohort = prepare_cohort(model_name, omics_dir, features_dir)
     available = sorted(int(f) for f in cohort.tables.splits["fold"].unique())
     folds = available if folds is None else list(folds)
     bad = [f for f in folds if f not in available]
     if bad:
         raise InputError("--folds", f"fold(s) {bad} not in splits.parquet (has {available})")
-    workers = resolve_workers(config["training"]["workers"], device.type, threads or torch.get_num_threads())
-    config = {**config, "training": {**config["training"], "workers": workers}}  # log.json: what ran
     models_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = [run_fold(cohort, model_name, f, config, device, models_dir, workers) for f in folds]
@@ -700,9 +701,8 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     device = resolve_device(args.device or config["training"]["device"])
-    if args.workers is not None:  # resolved (and checked) here, before the cohort is read
-        threads = args.threads or torch.get_num_threads()
-        config["training"]["workers"] = resolve_workers(args.workers, device.type, threads)
+    if args.workers is not None:
+        config["training"]["workers"] = args.workers
     if args.threads is not None:
         config["training"]["threads"] = args.threads  # recorded in log.json as run
     table = run_cv(
