@@ -293,7 +293,7 @@ def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
         "bin": torch.tensor([int(it["bin"]) for it in items]),
         "event": torch.tensor([float(it["event"]) for it in items]),
         "time": torch.tensor([float(it["time"]) for it in items]),
-        "errors": [it["error"] for it in items if it.get("error")],
+        "errors": [it["error"] for it in items if it["error"]],
         "wsi": None,
         "wsi_mask": None,
         "coords": None,
@@ -324,7 +324,7 @@ def checked_batches(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]
     store deserves.
     """
     for batch in loader:
-        if batch.get("errors"):
+        if batch["errors"]:
             source, reason = batch["errors"][0]
             raise InputError(source, reason)
         yield batch
