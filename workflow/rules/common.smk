@@ -154,8 +154,9 @@ def omics_args(wildcards):
 # `resources`, not as params or in the training snapshot, so that changing them reruns nothing:
 # Snakemake reruns a job whose params or inputs change, after deleting its outputs. They are
 # extract.workers and extract.batch_size (features do not depend on them), and training.workers
-# and training.threads (bags are drawn from seeds made in the main process; another thread count
-# only reorders float sums, so a model retrained with it may differ in the last digits).
+# and training.threads (bags are drawn from seeds made in the main process and the bag loader keeps
+# its own random generator, so readers change nothing; another thread count only reorders float
+# sums, so a model retrained with it may differ in the last digits).
 TRAINING_RUN_SETTINGS = ("workers", "threads")
 
 
