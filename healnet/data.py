@@ -168,6 +168,30 @@ def damaged_store(path: Path, err: Exception) -> InputError:
     return InputError(path, f"cannot read its patch features ({reason}); {advice}")
 
 
+def read_store(
+    path: Path, rows: np.ndarray | None = None, opened: dict[Path, tuple[Any, Any]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One store's patch features (stored precision) and coords (float32): every patch, or ``rows``.
+
+    The one reader of patch features, for training, scoring and the report's heatmaps. ``opened``
+    caches the open arrays per path (a dataset reads the same stores every epoch). Any failure to
+    read a store that exists is the one-line :func:`damaged_store` error.
+    """
+    try:
+        arrays = opened.get(path) if opened is not None else None
+        if arrays is None:
+            group = zarr.open_group(str(path), mode="r")
+            arrays = (group["features"], group["coords"])
+            if opened is not None:
+                opened[path] = arrays
+        features, coords = arrays
+        if rows is None:
+            return np.asarray(features[:]), np.asarray(coords[:], dtype=np.float32)
+        return np.asarray(features.oindex[rows, :]), np.asarray(coords.oindex[rows, :], dtype=np.float32)
+    except Exception as err:  # noqa: BLE001 - any failure here is a damaged store
+        raise damaged_store(path, err) from err
+
+
 class BagDataset(Dataset):
     """Per-patient model inputs; items are fetched with keys ``(row, seed)``.
 
@@ -200,12 +224,6 @@ class BagDataset(Dataset):
     def __len__(self) -> int:
         return len(self.bins)
 
-    def _arrays_of(self, store: SlideStore) -> tuple[Any, Any]:
-        if store.path not in self._arrays:
-            group = zarr.open_group(str(store.path), mode="r")
-            self._arrays[store.path] = (group["features"], group["coords"])
-        return self._arrays[store.path]
-
     def read_bag(self, row: int, seed: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """(features ``[n, D]`` in stored precision, coords ``[n, 2]`` float32) of one patient."""
         stores = self.bags[row]
@@ -216,18 +234,11 @@ class BagDataset(Dataset):
         feats, coords = [], []
         offset = 0
         for store in stores:
-            try:
-                f_arr, c_arr = self._arrays_of(store)
-                if pick is None:
-                    feats.append(np.asarray(f_arr[:]))
-                    coords.append(np.asarray(c_arr[:], dtype=np.float32))
-                else:
-                    local = pick[(pick >= offset) & (pick < offset + store.n)] - offset
-                    if len(local):
-                        feats.append(np.asarray(f_arr.oindex[local, :]))
-                        coords.append(np.asarray(c_arr.oindex[local, :], dtype=np.float32))
-            except Exception as err:  # noqa: BLE001 - any failure here is a damaged store
-                raise damaged_store(store.path, err) from err
+            rows = None if pick is None else pick[(pick >= offset) & (pick < offset + store.n)] - offset
+            if rows is None or len(rows):
+                f, c = read_store(store.path, rows, self._arrays)
+                feats.append(f)
+                coords.append(c)
             offset += store.n
         if len(feats) == 1:
             return feats[0], coords[0]

@@ -23,9 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-import zarr  # noqa: E402
 
-from healnet.data import damaged_store  # noqa: E402
+from healnet.data import read_store  # noqa: E402
 from healnet.report import message_figure, save_figure  # noqa: E402
 from preprocessing.tiles_io import read_tiles  # noqa: E402
 
@@ -36,19 +35,18 @@ WSI_COLUMNS = 3  # slide panels per row of attention_wsi.png
 
 
 def read_bag(features_dir: Path, slides: list[str]) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
-    """Concatenated patch features of a patient's slides, and (slide, coords) per non-empty slide."""
+    """A patient's patch features (float32, slides concatenated) and (slide, coords) per non-empty slide.
+
+    Slides without a store are skipped, as in training; the heatmaps need each slide's own coords.
+    """
     feats, coords = [], []
     for stem in slides:
         path = features_dir / f"{stem}.zarr"
-        if not path.exists():
-            continue
-        try:
-            group = zarr.open_group(str(path), mode="r")
-            if group["features"].shape[0]:
-                feats.append(np.asarray(group["features"][:], dtype=np.float32))
-                coords.append((stem, np.asarray(group["coords"][:])))
-        except Exception as err:  # noqa: BLE001 - any failure here is a damaged store
-            raise damaged_store(path, err) from err
+        if path.exists():
+            slide_feats, slide_coords = read_store(path)
+            if len(slide_feats):
+                feats.append(slide_feats.astype(np.float32))
+                coords.append((stem, slide_coords))
     if not feats:
         return np.zeros((0, 0), np.float32), []
     return np.concatenate(feats), coords
@@ -128,7 +126,7 @@ def draw_slide_attention(ax: plt.Axes, slide_path: Path, meta: dict[str, Any], c
     ranks = (np.argsort(np.argsort(weights)) + 0.5) / max(len(weights), 1)
     side = max(1, int(round(float(meta.get("patch_size_level0", 256)) * scale)))
     for (x, y), value in zip(coords, ranks, strict=True):
-        x0, y0 = int(x * scale), int(y * scale)
+        x0, y0 = int(float(x) * scale), int(float(y) * scale)
         heat[y0:y0 + side, x0:x0 + side] = value
     ax.imshow(thumb)
     shown = ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=1)
