@@ -13,6 +13,12 @@ Per fold (patient-level, from ``splits.parquet``; role ``val`` is the held-out f
 4. write ``fold{k}.pt`` (weights, model spec, transform and bin states, feature names, WSI feature dim,
    training-median risk).
 
+While a fold trains, its state (weights, optimiser, random generators, history) is saved at the end
+of an epoch at most every ``training.save_state_minutes`` to ``MODELS_DIR/unfinished-fold{k}.pt``, and
+deleted once ``fold{k}.pt`` is written. A job killed by a cluster's time limit or a pre-emption
+therefore resumes at the saved epoch when it is rerun, with the numbers an uninterrupted run gives,
+provided the settings and data are those that made the file (it is ignored otherwise).
+
 Patients a model cannot score (a unimodal model's patients without its modality, or anyone left
 without any modality in a missing-modality setting) are excluded from that model's training and
 scored with the training-median risk (training-mean survival curve for the Brier score), so every
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +71,62 @@ from preprocessing.workers import resolve_workers, workers_argument
 log = logging.getLogger(__name__)
 
 SETTINGS = ("full", "omics_only", "wsi_only", "random_half")
+# Training settings that change how fast a fold trains, not what it learns (the workflow keeps
+# them out of the settings snapshot for the same reason).
+RUN_SETTINGS = ("workers", "threads", "save_state_minutes", "device")
+
+
+@dataclass(frozen=True)
+class UnfinishedState:
+    """Where an unfinished fold keeps its training state, how often it saves it, and the fingerprint of
+    the settings and data that the saved state is only valid for."""
+
+    path: Path
+    every_s: float
+    fingerprint: str
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state if it exists and matches; otherwise None (training starts from epoch 0)."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - an unreadable file only costs the saved epochs
+            log.warning("%s: ignored, cannot be read (%s); training starts again", self.path, err)
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("%s: ignored, saved with other settings or data; training starts again", self.path)
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        with atomic_output(self.path) as tmp:
+            torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+
+
+def training_fingerprint(
+    spec: dict[str, Any],
+    training: dict[str, Any],
+    device: torch.device,
+    seed: int,
+    dataset: BagDataset,
+    rows: Sequence[int],
+    val_rows: Sequence[int] | None,
+) -> str:
+    """A digest of everything a fold's training depends on: model, settings (run settings aside),
+    device type, seed, the patients trained on, their inputs and labels, and each feature store
+    (name, size, modification time: a re-extracted store is a new directory)."""
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in training.items() if k not in RUN_SETTINGS}
+    described = {"spec": spec, "training": settings, "device": device.type, "seed": seed,
+                 "rows": list(rows), "val_rows": None if val_rows is None else list(val_rows)}
+    digest.update(json.dumps(_plain(described), sort_keys=True, default=str).encode())
+    for array in (dataset.omics, dataset.has_omics, dataset.bins, dataset.events, dataset.times):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    for bag in dataset.bags:
+        for store in bag:
+            digest.update(f"{store.path.name}:{store.n}:{store.dim}:{os.stat(store.path).st_mtime_ns};".encode())
+    return digest.hexdigest()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -247,12 +310,14 @@ def train_model(
     workers: int,
     weights: np.ndarray | None,
     multimodal: bool = False,
+    unfinished: UnfinishedState | None = None,
 ) -> list[dict[str, Any]]:
     """Train in place; with ``val_rows`` keep the epoch with the best inner-validation c-index.
 
     ``multimodal`` models get ``training.modality_dropout``: each training sample that has both
     modalities loses one of them (50/50) with that probability, so the model also learns to predict
-    from one modality (a seeded generator keeps runs reproducible).
+    from one modality (a seeded generator keeps runs reproducible). With ``unfinished``, training
+    resumes from its saved state and saves its own at epoch ends.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
     sampler = BagBatchSampler(rows, training["batch_size"], shuffle=True, seed=seed, sample=True)
@@ -263,7 +328,19 @@ def train_model(
     drop_gen = torch.Generator().manual_seed(seed)
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    for epoch in range(training["epochs"]):
+    first_epoch, last_saved = 0, time.monotonic()
+    saved = unfinished.load() if unfinished is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        drop_gen.set_state(saved["rng"]["modality_dropout"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
+        history, best = saved["history"], saved["best"]
+        first_epoch = int(saved["epoch"]) + 1
+        log.info("resuming at epoch %d from %s", first_epoch, unfinished.path)
+    for epoch in range(first_epoch, training["epochs"]):
         model.train()
         sampler.set_epoch(epoch)
         total_loss, n_seen, wait, start = 0.0, 0, 0.0, time.perf_counter()
@@ -307,6 +384,8 @@ def train_model(
             "data_wait_fraction": round(wait / seconds, 4) if seconds > 0 else 0.0,
             "patients_per_s": round(n_seen / seconds, 2) if seconds > 0 else 0.0,
         }
+        if epoch == first_epoch > 0:
+            record["resumed"] = True
         if val_rows is not None and len(val_rows):
             logits = predict(
                 model, dataset, val_rows, device, {"full": _all_flags(dataset, val_rows)}, workers
@@ -328,6 +407,21 @@ def train_model(
             seconds,
             f" inner-val c-index {record['inner_val_c_index']:.4f}" if "inner_val_c_index" in record else "",
         )
+        due = unfinished is not None and time.monotonic() - last_saved >= unfinished.every_s
+        if due and epoch + 1 < training["epochs"]:
+            rng = {"torch": torch.get_rng_state(), "modality_dropout": drop_gen.get_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            kept = None if best is None else (best[0], best[1], {k: v.cpu() for k, v in best[2].items()})
+            unfinished.save({
+                "epoch": epoch,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "rng": rng,
+                "history": history,
+                "best": kept,
+            })
+            last_saved = time.monotonic()
     if best is not None:
         model.load_state_dict(best[2])
         history.append({"restored_epoch": best[1], "inner_val_c_index": best[0]})
@@ -486,6 +580,11 @@ def run_fold(
     if training["bin_weights"]:
         weights = np.ones(len(cohort.patients), np.float32)
         weights[inner_rows] = inverse_frequency_weights(bins[inner_rows], n_bins)
+    unfinished = UnfinishedState(
+        models_dir / f"unfinished-fold{fold}.pt",
+        60.0 * float(training["save_state_minutes"]),
+        training_fingerprint(spec, training, device, seed, dataset, inner_rows, val_rows),
+    )
     history = train_model(
         model,
         dataset,
@@ -497,6 +596,7 @@ def run_fold(
         workers,
         weights,
         model_name in MULTIMODAL,
+        unfinished,
     )
 
     # training-fold risks: median for imputation and for the report's Kaplan-Meier split
@@ -586,6 +686,7 @@ def run_fold(
     checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_output(models_dir / f"fold{fold}.pt") as tmp:
         torch.save(checkpoint, tmp)
+    unfinished.path.unlink(missing_ok=True)
     return result
 
 
@@ -691,6 +792,9 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--workers", type=workers_argument, default=None,
                         help="processes reading WSI bags, or auto (default: training.workers of the config)")
+    parser.add_argument("--save-state-minutes", type=int, default=None,
+                        help="save an unfinished fold's state at most this often, 0: every epoch "
+                        "(default: training.save_state_minutes of the config)")
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -705,6 +809,10 @@ def cli(argv: list[str] | None = None) -> int:
         config["training"]["workers"] = args.workers
     if args.threads is not None:
         config["training"]["threads"] = args.threads  # recorded in log.json as run
+    if args.save_state_minutes is not None:
+        if args.save_state_minutes < 0:
+            raise InputError("--save-state-minutes", f"must be 0 or more, got {args.save_state_minutes}")
+        config["training"]["save_state_minutes"] = args.save_state_minutes
     table = run_cv(
         config,
         args.cohort,

@@ -462,3 +462,67 @@ def test_folds_trained_as_separate_runs_collect_into_the_all_fold_outputs(
     assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,4"]) == 1
     assert "train fold 4 first" in capsys.readouterr().err
     assert not (model_dir / "folds.csv").exists()
+
+
+class Killed(Exception):
+    """Stands in for a job killed mid-epoch (a cluster time limit, a pre-empted GPU)."""
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_a_killed_fold_resumes_where_it_saved_and_gives_the_same_numbers(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early_stopping: bool
+) -> None:
+    omics_dir, features_dir, _ = cohort
+    # 4 epochs of 4 steps (fold 0 trains 16 patients, 4 per step); patience 9 so that none stops early
+    settings = {"epochs": 4, "modality_dropout": 0.5, "early_stopping": early_stopping, "patience": 9,
+                "save_state_minutes": 0, "workers": 0}
+    config = write_config(tmp_path / "c.yaml", **settings)
+    steps = {"n": 0, "kill_at": None}
+    loss_fn = train.nll_survival_loss
+
+    def counted_loss(*args: object, **kwargs: object) -> torch.Tensor:
+        steps["n"] += 1
+        if steps["n"] == steps["kill_at"]:
+            raise Killed
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train, "nll_survival_loss", counted_loss)
+
+    def run(name: str, config: Path = config) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+        out = tmp_path / name
+        assert healnet_main(train_args(config, omics_dir, features_dir, out, "healnet", "--folds", "0")) == 0
+        results = out / "results" / "healnet"
+        state = torch.load(out / "models" / "healnet" / "fold0.pt", weights_only=True)["state_dict"]
+        return (pd.read_csv(results / "folds.csv"), pd.read_parquet(results / "predictions.parquet"),
+                json.loads((results / "log.json").read_text())["folds"][0], state)
+
+    whole = run("whole")
+    per_epoch = steps["n"] // 4
+    assert not (tmp_path / "whole" / "models" / "healnet" / "unfinished-fold0.pt").exists()
+
+    steps.update(n=0, kill_at=2 * per_epoch + 2)  # killed in the third epoch
+    with pytest.raises(Killed):
+        run("killed")
+    models = tmp_path / "killed" / "models" / "healnet"
+    assert sorted(p.name for p in models.iterdir()) == ["unfinished-fold0.pt"]
+
+    steps.update(n=0, kill_at=None)
+    resumed = run("killed")
+    assert steps["n"] == 2 * per_epoch  # only the last two epochs were trained again
+    flags = [e.get("resumed", False) for e in resumed[2]["epochs"] if "epoch" in e]
+    assert flags == [False, False, True, False]
+    assert sorted(p.name for p in models.iterdir()) == ["fold0.pt"]
+    pd.testing.assert_frame_equal(resumed[0], whole[0])
+    pd.testing.assert_frame_equal(resumed[1], whole[1])
+    losses = [[e.get("train_loss") for e in r[2]["epochs"]] for r in (whole, resumed)]
+    assert losses[0] == losses[1]
+    assert all(torch.equal(whole[3][k], resumed[3][k]) for k in whole[3])
+
+    # state saved under other settings is not resumed from: the run starts again
+    steps.update(n=0, kill_at=2 * per_epoch + 2)
+    with pytest.raises(Killed):
+        run("changed")
+    steps.update(n=0, kill_at=None)
+    other = write_config(tmp_path / "other.yaml", **settings, lr=2e-3)
+    changed = run("changed", other)
+    assert steps["n"] == 4 * per_epoch and not any(e.get("resumed") for e in changed[2]["epochs"])

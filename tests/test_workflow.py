@@ -91,8 +91,9 @@ def test_a_lost_store_re_extracts_that_slide_alone(tiny_run: Path) -> None:
 
 
 def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Path) -> None:
-    """Tuning readers, batch size or threads for a cluster must not throw away finished stores and
-    models (Snakemake deletes a job's outputs before rerunning it); the learning rate must retrain."""
+    """Tuning readers, batch size, threads or state saving for a cluster must not throw away finished
+    stores and models (Snakemake deletes a job's outputs before rerunning it); the learning rate must
+    retrain."""
     original = (tiny_run / "config.yaml").read_text()
 
     def dry_run_with(extract: dict, training: dict) -> subprocess.CompletedProcess:
@@ -103,7 +104,8 @@ def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Pa
         return snakemake(tiny_run, "-n", "--cores", "2")
 
     try:
-        tuned = dry_run_with({"workers": 3, "batch_size": 16, "threads": 2}, {"workers": 2, "threads": 2})
+        tuned = dry_run_with({"workers": 3, "batch_size": 16, "threads": 2},
+                             {"workers": 2, "threads": 2, "save_state_minutes": 1})
         retrained = dry_run_with({}, {"lr": 0.001})
     finally:
         (tiny_run / "config.yaml").write_text(original)

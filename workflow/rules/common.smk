@@ -153,11 +153,12 @@ def omics_args(wildcards):
 # Settings that change how fast a job runs, not what it writes, reach the commands as `threads` and
 # `resources`, not as params or in the training snapshot, so that changing them reruns nothing:
 # Snakemake reruns a job whose params or inputs change, after deleting its outputs. They are
-# extract.workers and extract.batch_size (features do not depend on them), and training.workers
-# and training.threads (bags are drawn from seeds made in the main process and the bag loader keeps
-# its own random generator, so readers change nothing; another thread count only reorders float
-# sums, so a model retrained with it may differ in the last digits).
-TRAINING_RUN_SETTINGS = ("workers", "threads")
+# extract.workers and extract.batch_size (features do not depend on them), training.workers and
+# training.threads (bags are drawn from seeds made in the main process and the bag loader keeps its
+# own random generator, so readers change nothing; another thread count only reorders float sums,
+# so a model retrained with it may differ in the last digits), and training.save_state_minutes
+# (how often an unfinished fold saves its state for a resume; a resumed fold gives the same numbers).
+TRAINING_RUN_SETTINGS = ("workers", "threads", "save_state_minutes")
 
 
 def training_settings(wildcards):

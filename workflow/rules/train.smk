@@ -42,7 +42,8 @@ rule train_fold:
         mem_mb=8000,
         runtime=240,
         gpu=device_needs_gpu("training"),
-        readers=config["training"]["workers"],  # a run setting (see common.smk)
+        readers=config["training"]["workers"],  # run settings (see common.smk)
+        save_state_minutes=config["training"]["save_state_minutes"],
     conda:
         "../../envs/model.yaml"
     shell:
@@ -51,7 +52,8 @@ rule train_fold:
         " --omics-dir omics/{wildcards.cohort} --features-dir features/{wildcards.cohort}/{params.encoder}"
         " --models-dir models/{wildcards.cohort}/{wildcards.model}"
         " --results-dir results/{wildcards.cohort}/{wildcards.model}/fold{wildcards.fold}"
-        " --threads {threads} --workers {resources.readers} --device {params.device} > {log} 2>&1"
+        " --threads {threads} --workers {resources.readers} --save-state-minutes {resources.save_state_minutes}"
+        " --device {params.device} > {log} 2>&1"
 
 
 # The folds of one model joined into the files an all-fold `healnet train` writes.
