@@ -51,7 +51,7 @@ from sksurv.metrics import concordance_index_censored
 
 from healnet.baselines import build_model, model_spec
 from healnet.collect import parse_folds
-from healnet.config import load_config
+from healnet.config import TRAINING_RUN_SETTINGS, load_config
 from healnet.data import (
     BagBatchSampler,
     BagDataset,
@@ -71,9 +71,9 @@ from preprocessing.workers import resolve_workers, workers_argument
 log = logging.getLogger(__name__)
 
 SETTINGS = ("full", "omics_only", "wsi_only", "random_half")
-# Training settings that change how fast a fold trains, not what it learns (the workflow keeps
-# them out of the settings snapshot for the same reason).
-RUN_SETTINGS = ("workers", "threads", "save_state_minutes", "device")
+# Left out of a saved state's fingerprint: the run settings, and the device setting, whose resolved
+# type (``auto`` may become ``cuda``) the fingerprint records instead.
+RUN_SETTINGS = (*TRAINING_RUN_SETTINGS, "device")
 
 
 @dataclass(frozen=True)

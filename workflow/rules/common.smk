@@ -16,6 +16,7 @@ _USES_CONDA = DeploymentMethod.CONDA in (workflow.deployment_settings.deployment
 _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
 ENCODER = config["extract"]["encoder"]
+from healnet.config import TRAINING_RUN_SETTINGS
 from healnet.modalities import MODEL_MODALITIES
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
 from preprocessing.slide_files import SlideFolderError, find_slide_files
@@ -153,12 +154,8 @@ def omics_args(wildcards):
 # Settings that change how fast a job runs, not what it writes, reach the commands as `threads` and
 # `resources`, not as params or in the training snapshot, so that changing them reruns nothing:
 # Snakemake reruns a job whose params or inputs change, after deleting its outputs. They are
-# extract.workers and extract.batch_size (features do not depend on them), training.workers and
-# training.threads (bags are drawn from seeds made in the main process and the bag loader keeps its
-# own random generator, so readers change nothing; another thread count only reorders float sums,
-# so a model retrained with it may differ in the last digits), and training.save_state_minutes
-# (how often an unfinished fold saves its state for a resume; a resumed fold gives the same numbers).
-TRAINING_RUN_SETTINGS = ("workers", "threads", "save_state_minutes")
+# extract.workers and extract.batch_size (features do not depend on them), and the training
+# settings in healnet.config.TRAINING_RUN_SETTINGS (the reasons are given there).
 
 
 def training_settings(wildcards):
