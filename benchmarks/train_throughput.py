@@ -7,9 +7,12 @@ Two cohorts:
   once into ``benchmarks/out/train_synthetic/`` as Zarr stores in the layout ``healnet extract``
   writes, plus an omics folder (random omics, survival times).
 
-The epoch runs through the real harness (:func:`healnet.train.train_model`: DataLoader worker(s)
+Two epochs run through the real harness (:func:`healnet.train.train_model`: DataLoader worker(s)
 reading bags lazily, at most ``max_patches_train`` patches per bag). "Data wait" is the time the
-training loop blocks on ``next(loader)`` divided by the epoch time; the target is below 0.2.
+training loop blocks on ``next(loader)`` divided by the epoch time; the target is below 0.2. The
+reader processes persist across epochs, so only the first epoch waits for them to start: on a GPU
+that start-up was a third of a 6 s epoch. Both epochs are printed; the second is the steady rate
+that the rest of a training run sees.
 
     .venv/bin/python benchmarks/train_throughput.py [--model healnet] [--patients 400] [--patches 4096]
         [--dim 1280] [--threads 2] [--workers 1] [--batch-size 8] [--device auto] [--skip-demo]
@@ -94,7 +97,7 @@ def data_rate(dataset: BagDataset, rows: np.ndarray, batch_size: int, workers: i
     return seen / (time.perf_counter() - start)
 
 
-def one_epoch(
+def two_epochs(
     omics_dir: Path,
     features_dir: Path,
     config: dict[str, Any],
@@ -102,7 +105,7 @@ def one_epoch(
     device: torch.device,
     workers: int,
 ) -> dict[str, Any]:
-    """Fit omics and time bins on all patients, then time one training epoch of ``model_name``."""
+    """Fit omics and time bins on all patients, then time two training epochs of ``model_name``."""
     from preprocessing.omics.labels import TimeBins
 
     cohort = prepare_cohort(model_name, omics_dir, features_dir)
@@ -136,8 +139,8 @@ def one_epoch(
     loader_rate = data_rate(dataset, rows[:160], training["batch_size"], workers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    history = train_model(model, dataset, rows, None, {**training, "epochs": 1}, device, 0, workers, None)
-    record = history[0]
+    history = train_model(model, dataset, rows, None, {**training, "epochs": 2}, device, 0, workers, None)
+    record = {**history[1], "first": history[0]}
     n_patches = np.array([sum(s.n for s in bag) for bag in cohort.bags if bag])
     record.update(
         loader_patients_per_s=loader_rate,
@@ -158,8 +161,13 @@ def report(name: str, record: dict[str, Any]) -> None:
         f"[{name}] {record['patients']} patients, median {record['median_patches']:.0f} patches x "
         f"{record['feature_dim']} features per bag"
     )
+    first = record["first"]
     print(
-        f"[{name}] one epoch: {record['seconds']:.1f} s, {record['patients_per_s']:.2f} patients/s, "
+        f"[{name}] first epoch (reader processes start): {first['seconds']:.1f} s, "
+        f"{first['patients_per_s']:.2f} patients/s, data wait fraction {first['data_wait_fraction']:.3f}"
+    )
+    print(
+        f"[{name}] second epoch: {record['seconds']:.1f} s, {record['patients_per_s']:.2f} patients/s, "
         f"data wait fraction {record['data_wait_fraction']:.3f} (target < 0.2)"
     )
     print(
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         omics_dir = ROOT / "omics" / "DEMO"
         features_dir = ROOT / "features" / "DEMO" / config["extract"]["encoder"]
         if (omics_dir / "manifest.parquet").is_file() and features_dir.is_dir():
-            report("demo", one_epoch(omics_dir, features_dir, config, args.model, device, workers))
+            report("demo", two_epochs(omics_dir, features_dir, config, args.model, device, workers))
         else:
             print(f"[demo] skipped: {omics_dir} or {features_dir} does not exist (run the pipeline first)")
     if not args.skip_synthetic:
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({args.patients * args.patches * args.dim * 2 / 1e9:.1f} GB float16) in {OUT}"
         )
         omics_dir, features_dir = write_synthetic(OUT, args.patients, args.patches, args.dim)
-        report("synthetic", one_epoch(omics_dir, features_dir, config, args.model, device, workers))
+        report("synthetic", two_epochs(omics_dir, features_dir, config, args.model, device, workers))
     return 0
 
 
