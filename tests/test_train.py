@@ -263,6 +263,42 @@ def test_reader_count_leaves_the_numbers_unchanged(cohort: tuple[Path, Path, Pat
     assert losses[0] == losses[1] and values[0] == values[1]
 
 
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bags_of_a_batch_are_padded_with_zeros_and_masked(workers: int) -> None:
+    # A reader process builds its batch in shared memory, left uninitialised: the padding must be
+    # written, since masked patches still pass through the model's matrix products (NaN * 0 = NaN).
+    from healnet.data import collate_bags
+
+    rng = np.random.default_rng(0)
+    bags = [rng.standard_normal((n, 5)).astype(np.float16) for n in (3, 7)] + [None]
+    items = [{"row": i, "omics": np.zeros(2, np.float32), "has_omics": True, "has_wsi": b is not None,
+              "bin": 0, "event": 1.0, "time": 1.0, "error": None, "wsi": b,
+              "coords": None if b is None else np.full((len(b), 2), i + 1, np.float32)}
+             for i, b in enumerate(bags)]
+    loader = torch.utils.data.DataLoader(ListDataset(items), batch_size=3, collate_fn=collate_bags,
+                                         num_workers=workers)
+    for _ in range(2):  # the second batch of a worker may reuse the first one's memory
+        batch = next(iter(loader))
+        assert batch["wsi"].shape == (3, 7, 5) and batch["wsi"].dtype == torch.float16
+        assert batch["wsi_mask"].sum(1).tolist() == [3, 7, 0]
+        for i, b in enumerate(bags[:2]):
+            assert torch.equal(batch["wsi"][i, : len(b)], torch.from_numpy(b))
+            assert (batch["coords"][i, : len(b)] == i + 1).all()
+        assert not batch["wsi"][0, 3:].any() and not batch["wsi"][2].any()
+        assert not batch["coords"][0, 3:].any() and not batch["coords"][2].any()
+
+
 @pytest.mark.parametrize("model", ["snn", "abmil", "late_fusion"])
 def test_baselines_in_the_same_harness(cohort: tuple[Path, Path, Path], tmp_path: Path, model: str) -> None:
     omics_dir, features_dir, config = cohort
