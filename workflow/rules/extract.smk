@@ -1,8 +1,8 @@
 # One job per slide: patch embeddings into a Zarr store. Declares a GPU so clusters place it on one.
 
 
-# The encoder built once (weights loaded, traced, frozen): each CPU extraction job then loads it in a
-# fraction of a second instead of spending ~4 s importing timm and tracing. Kept, not temporary:
+# The encoder built once (weights loaded, traced, frozen): each extraction job, CPU or GPU, then loads
+# it in a fraction of a second instead of spending 4-8 s importing timm and tracing. Kept, not temporary:
 # Snakemake reruns every job whose input another job rewrites (ancient() does not stop that), so a
 # remade encoder file would send every finished store of the cohort back to extraction whenever one
 # slide needed extracting (a slide added, a lost store). Stores follow the encoder itself: its name
