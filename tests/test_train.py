@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from healnet import evaluate, explain, train  # noqa: E402
 from healnet.cli import main as healnet_main  # noqa: E402
 from preprocessing.errors import InputError  # noqa: E402
 
+# The device of every `healnet train` call here; HEALNET_TEST_DEVICE=cuda runs them on a GPU.
+DEVICE = os.environ.get("HEALNET_TEST_DEVICE", "cpu")
 N_PATIENTS, N_FOLDS, DIM = 24, 3, 16
 NO_WSI = {"TCGA-AA-0003", "TCGA-AA-0010", "TCGA-AA-0017"}  # no slide, or a slide without patches
 NO_OMICS = {"TCGA-AA-0005", "TCGA-AA-0012"}
@@ -153,7 +156,7 @@ def train_args(
         "--threads",
         "1",
         "--device",
-        "cpu",
+        DEVICE,
         *extra,
     ]
 
