@@ -5,12 +5,19 @@ arrays ``features`` N x D and ``coords`` N x 2). Bags are read lazily, one patie
 DataLoader's worker processes; during training at most ``max_patches`` patches are drawn per bag
 (without replacement, seeded per epoch and patient), at evaluation every patch is used. Batches pad
 bags to the longest one with a boolean token mask (True = real patch).
+
+With a decoded-feature cache (``training.feature_cache``), a store's chunks are decoded once per
+training job and kept as uncompressed ``.npy`` files that later reads memory-map: drawing patches
+from a bag then costs no decoding, however large the bag.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +216,7 @@ class BagDataset(Dataset):
         times: np.ndarray,
         max_patches: int | None = None,
         read_wsi: bool = True,
+        cache_dir: Path | None = None,
     ) -> None:
         self.omics = np.ascontiguousarray(omics, dtype=np.float32)
         self.has_omics = np.asarray(has_omics, dtype=bool)
@@ -219,7 +227,9 @@ class BagDataset(Dataset):
         self.times = np.asarray(times, dtype=np.float32)
         self.max_patches = max_patches
         self.read_wsi = read_wsi
+        self.cache_dir = cache_dir
         self._arrays: dict[Path, tuple[Any, Any]] = {}
+        self._decoded: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.bins)
@@ -236,13 +246,43 @@ class BagDataset(Dataset):
         for store in stores:
             rows = None if pick is None else pick[(pick >= offset) & (pick < offset + store.n)] - offset
             if rows is None or len(rows):
-                f, c = read_store(store.path, rows, self._arrays)
+                decoded = self._decoded_store(store.path) if self.cache_dir is not None else None
+                if decoded is None:
+                    f, c = read_store(store.path, rows, self._arrays)
+                else:
+                    f, c = (decoded[0], decoded[1]) if rows is None else (decoded[0][rows], decoded[1][rows])
                 feats.append(f)
                 coords.append(c)
             offset += store.n
         if len(feats) == 1:
             return feats[0], coords[0]
         return np.concatenate(feats), np.concatenate(coords)
+
+    def _decoded_store(self, path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        """A store's features and coords memory-mapped from the decoded cache, decoded and written
+        there on first use (by whichever reader process comes first: the files appear by atomic
+        rename, so a concurrent reader sees a whole file or none). None when the cache cannot be
+        written (a full disk, say): the caller then reads the store itself, and this process stops
+        using the cache."""
+        if path in self._decoded:
+            return self._decoded[path]
+        assert self.cache_dir is not None
+        stem = self.cache_dir / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+        files = (stem.with_suffix(".features.npy"), stem.with_suffix(".coords.npy"))
+        try:
+            arrays = tuple(np.load(f, mmap_mode="r") for f in files)
+        except (OSError, ValueError):
+            features, coords = read_store(path, None, self._arrays)
+            try:
+                for file, array in zip(files, (features, coords), strict=True):
+                    _save_npy_atomic(file, array)
+                arrays = tuple(np.load(f, mmap_mode="r") for f in files)
+            except (OSError, ValueError) as err:
+                log.warning("decoded-feature cache %s not used from here on: %s", self.cache_dir, err)
+                self.cache_dir = None
+                return None
+        self._decoded[path] = (arrays[0], arrays[1])
+        return self._decoded[path]
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
         row, seed = key if isinstance(key, tuple) else (key, -1)
@@ -264,6 +304,17 @@ class BagDataset(Dataset):
             except InputError as err:  # raised by checked_batches in the main process
                 item["error"] = (err.source, err.reason)
         return item
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` under a temporary name in the same folder, then rename it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class BagBatchSampler:
@@ -313,7 +364,7 @@ def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
     longest = max((len(b) for b in bags if b is not None), default=0)
     if longest:
         dim = next(b.shape[1] for b in bags if b is not None)
-        dtype = torch.from_numpy(next(b for b in bags if b is not None)[:0]).dtype
+        dtype = torch.from_numpy(np.empty(0, next(b.dtype for b in bags if b is not None))).dtype
         wsi = _batch_buffer((len(items), longest, dim), dtype)
         coords = _batch_buffer((len(items), longest, 2), torch.float32)
         mask = torch.zeros((len(items), longest), dtype=torch.bool)

@@ -37,8 +37,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -504,8 +507,9 @@ def run_fold(
     device: torch.device,
     models_dir: Path,
     workers: int,
+    cache_dir: Path | None = None,
 ) -> FoldResult:
-    """Fit preprocessing, train, score and checkpoint one fold."""
+    """Fit preprocessing, train, score and checkpoint one fold (``cache_dir``: decoded features)."""
     from preprocessing.omics.labels import TimeBins
 
     training, manifest = config["training"], cohort.tables.manifest
@@ -548,6 +552,7 @@ def run_fold(
         times,
         max_patches=training["max_patches_train"],
         read_wsi=uses_wsi,
+        cache_dir=cache_dir,
     )
     usable = has_wsi | has_omics
     fit_rows = train_rows[usable[train_rows]]
@@ -722,6 +727,27 @@ def load_checkpoint(
     return model.to(device).eval(), ckpt
 
 
+@contextmanager
+def decoded_feature_cache(root: str | Path | None) -> Iterator[Path | None]:
+    """A private folder under ``root`` for this run's decoded features, removed when the run ends
+    (None without ``root``). Private to the run, so no other job's or an older run's files are
+    ever read: the stores cannot change under it."""
+    if not root:
+        yield None
+        return
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix="healnet-features-", dir=root)
+    except OSError as err:
+        reason = f"cannot make a folder in {root} ({err.strerror or err})"
+        raise InputError("training.feature_cache", reason) from err
+    try:
+        log.info("decoded features cached in %s for this run", folder)
+        yield Path(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_cv(
     config: dict[str, Any],
     cohort_name: str,
@@ -750,7 +776,10 @@ def run_cv(
         raise InputError("--folds", f"fold(s) {bad} not in splits.parquet (has {available})")
     models_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = [run_fold(cohort, model_name, f, config, device, models_dir, workers) for f in folds]
+    cache_root = config["training"]["feature_cache"] if cohort.wsi_dim is not None else None
+    with decoded_feature_cache(cache_root) as cache_dir:
+        results = [run_fold(cohort, model_name, f, config, device, models_dir, workers, cache_dir)
+                   for f in folds]
     table = pd.DataFrame([m for r in results for m in r.metrics])
     predictions = pd.concat([p for r in results for p in r.predictions], ignore_index=True)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -795,6 +824,9 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-state-minutes", type=int, default=None,
                         help="save an unfinished fold's state at most this often, 0: every epoch "
                         "(default: training.save_state_minutes of the config)")
+    parser.add_argument("--feature-cache", default=None, metavar="DIR",
+                        help="decode each feature store once into a private folder under DIR, removed at the "
+                        "end; 'none' for none (default: training.feature_cache of the config)")
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -813,6 +845,9 @@ def cli(argv: list[str] | None = None) -> int:
         if args.save_state_minutes < 0:
             raise InputError("--save-state-minutes", f"must be 0 or more, got {args.save_state_minutes}")
         config["training"]["save_state_minutes"] = args.save_state_minutes
+    if args.feature_cache is not None:
+        off = args.feature_cache in ("", "none")
+        config["training"]["feature_cache"] = None if off else args.feature_cache
     table = run_cv(
         config,
         args.cohort,

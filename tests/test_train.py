@@ -266,6 +266,56 @@ def test_reader_count_leaves_the_numbers_unchanged(cohort: tuple[Path, Path, Pat
     assert losses[0] == losses[1] and values[0] == values[1]
 
 
+def test_decoded_feature_cache_reads_each_store_once_and_changes_no_number(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from healnet import data
+
+    omics_dir, features_dir, _ = cohort
+    reads: list[Path] = []
+    read_store = data.read_store
+
+    def counted(path: Path, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        reads.append(path)
+        return read_store(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "read_store", counted)
+    cache = tmp_path / "cache"
+    outputs = []
+    for name, extra, workers in (("plain", (), 0), ("cached", ("--feature-cache", str(cache)), 0),
+                                 ("cached-readers", ("--feature-cache", str(cache)), 2)):
+        reads.clear()
+        config = write_config(tmp_path / f"{name}.yaml", modality_dropout=0.5, workers=workers, epochs=3)
+        out = tmp_path / name
+        assert healnet_main(train_args(config, omics_dir, features_dir, out, "healnet", "--folds", "0",
+                                       *extra)) == 0
+        results = out / "results" / "healnet"
+        log = json.loads((results / "log.json").read_text())
+        outputs.append((pd.read_csv(results / "folds.csv"), pd.read_parquet(results / "predictions.parquet"),
+                        [e.get("train_loss") for e in log["folds"][0]["epochs"]]))
+        if name == "plain":
+            assert len(reads) > len(set(reads))  # every epoch decodes its stores again
+        elif workers == 0:
+            assert sorted(reads) == sorted(set(reads))  # each store decoded once
+        assert log["training"]["feature_cache"] == (str(cache) if extra else None)
+    for other in outputs[1:]:
+        pd.testing.assert_frame_equal(other[0], outputs[0][0])
+        pd.testing.assert_frame_equal(other[1], outputs[0][1])
+        assert other[2] == outputs[0][2]
+    assert cache.is_dir() and not any(cache.iterdir())  # each run's private folder is removed
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write_config(tmp_path / "bad.yaml", workers=0)
+    capsys.readouterr()
+    bad = train_args(config, omics_dir, features_dir, tmp_path / "bad", "healnet", "--folds", "0",
+                     "--feature-cache", str(blocker / "sub"))
+    assert healnet_main(bad) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training.feature_cache: cannot make a folder in" in err[0]
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, items: list[dict]) -> None:
         self.items = items

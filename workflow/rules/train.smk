@@ -44,6 +44,7 @@ rule train_fold:
         gpu=device_needs_gpu("training"),
         readers=config["training"]["workers"],  # run settings (see common.smk)
         save_state_minutes=config["training"]["save_state_minutes"],
+        feature_cache=config["training"]["feature_cache"] or "none",
     conda:
         "../../envs/model.yaml"
     shell:
@@ -53,7 +54,7 @@ rule train_fold:
         " --models-dir models/{wildcards.cohort}/{wildcards.model}"
         " --results-dir results/{wildcards.cohort}/{wildcards.model}/fold{wildcards.fold}"
         " --threads {threads} --workers {resources.readers} --save-state-minutes {resources.save_state_minutes}"
-        " --device {params.device} > {log} 2>&1"
+        " --feature-cache {resources.feature_cache:q} --device {params.device} > {log} 2>&1"
 
 
 # The folds of one model joined into the files an all-fold `healnet train` writes.
