@@ -107,57 +107,59 @@ def two_epochs(
     model_name: str,
     device: torch.device,
     workers: int,
-    cache_dir: Path | None = None,
+    cache_root: Path | None = None,
 ) -> dict[str, Any]:
-    """Fit omics and time bins on all patients, then time two training epochs of ``model_name``."""
+    """Fit omics and time bins on all patients, then time two training epochs of ``model_name``
+    (with a decoded-feature cache under ``cache_root`` when given)."""
     from preprocessing.omics.labels import TimeBins
 
-    cohort = prepare_cohort(model_name, omics_dir, features_dir)
-    manifest, training = cohort.tables.manifest, config["training"]
-    times, events = manifest["time"].to_numpy(float), manifest["event"].to_numpy(int)
-    bins = TimeBins(config["omics"]["n_bins"]).fit(times, events).transform(times)
-    state = fit_omics(cohort.tables.features, cohort.patients, training, manifest[["time", "event"]])
-    omics, has_omics = state.matrix(cohort.tables.features, cohort.patients)
-    dataset = BagDataset(
-        omics,
-        has_omics,
-        cohort.bags,
-        bins,
-        events,
-        times,
-        max_patches=training["max_patches_train"],
-        read_wsi=cohort.wsi_dim is not None,
-        cache_dir=cache_dir,
-    )
-    spec = model_spec(
-        model_name,
-        n_bins=config["omics"]["n_bins"],
-        wsi_dim=cohort.wsi_dim,
-        n_omics=omics.shape[1],
-        omic_groups=state.groups,
-        healnet_cfg=config["healnet"],
-        training_cfg=training,
-    )
-    torch.manual_seed(0)
-    model = build_model(spec).to(device)
-    rows = np.flatnonzero(dataset.has_wsi | has_omics)
-    loader_rate = data_rate(dataset, rows[:160], training["batch_size"], workers)
-    cached_rate = data_rate(dataset, rows[:160], training["batch_size"], workers) if cache_dir else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    history = train_model(model, dataset, rows, None, {**training, "epochs": 2}, device, 0, workers, None)
-    record = {**history[1], "first": history[0]}
-    n_patches = np.array([sum(s.n for s in bag) for bag in cohort.bags if bag])
-    record.update(
-        loader_patients_per_s=loader_rate,
-        cached_loader_patients_per_s=cached_rate,
-        patients=len(rows),
-        median_patches=float(np.median(n_patches)) if len(n_patches) else 0,
-        feature_dim=cohort.wsi_dim,
-    )
-    if device.type == "cuda":
-        record["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return record
+    with decoded_feature_cache(cache_root) as cache_dir:  # removed when the timing is done
+        cohort = prepare_cohort(model_name, omics_dir, features_dir)
+        manifest, training = cohort.tables.manifest, config["training"]
+        times, events = manifest["time"].to_numpy(float), manifest["event"].to_numpy(int)
+        bins = TimeBins(config["omics"]["n_bins"]).fit(times, events).transform(times)
+        state = fit_omics(cohort.tables.features, cohort.patients, training, manifest[["time", "event"]])
+        omics, has_omics = state.matrix(cohort.tables.features, cohort.patients)
+        dataset = BagDataset(
+            omics,
+            has_omics,
+            cohort.bags,
+            bins,
+            events,
+            times,
+            max_patches=training["max_patches_train"],
+            read_wsi=cohort.wsi_dim is not None,
+            cache_dir=cache_dir,
+        )
+        spec = model_spec(
+            model_name,
+            n_bins=config["omics"]["n_bins"],
+            wsi_dim=cohort.wsi_dim,
+            n_omics=omics.shape[1],
+            omic_groups=state.groups,
+            healnet_cfg=config["healnet"],
+            training_cfg=training,
+        )
+        torch.manual_seed(0)
+        model = build_model(spec).to(device)
+        rows = np.flatnonzero(dataset.has_wsi | has_omics)
+        loader_rate = data_rate(dataset, rows[:160], training["batch_size"], workers)
+        cached_rate = data_rate(dataset, rows[:160], training["batch_size"], workers) if cache_dir else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        history = train_model(model, dataset, rows, None, {**training, "epochs": 2}, device, 0, workers, None)
+        record = {**history[1], "first": history[0]}
+        n_patches = np.array([sum(s.n for s in bag) for bag in cohort.bags if bag])
+        record.update(
+            loader_patients_per_s=loader_rate,
+            cached_loader_patients_per_s=cached_rate,
+            patients=len(rows),
+            median_patches=float(np.median(n_patches)) if len(n_patches) else 0,
+            feature_dim=cohort.wsi_dim,
+        )
+        if device.type == "cuda":
+            record["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return record
 
 
 def report(name: str, record: dict[str, Any]) -> None:
@@ -222,9 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         omics_dir = ROOT / "omics" / "DEMO"
         features_dir = ROOT / "features" / "DEMO" / config["extract"]["encoder"]
         if (omics_dir / "manifest.parquet").is_file() and features_dir.is_dir():
-            with decoded_feature_cache(args.feature_cache) as cache_dir:
-                record = two_epochs(omics_dir, features_dir, config, args.model, device, workers, cache_dir)
-            report("demo", record)
+            report("demo", two_epochs(omics_dir, features_dir, config, args.model, device, workers,
+                                      args.feature_cache))
         else:
             print(f"[demo] skipped: {omics_dir} or {features_dir} does not exist (run the pipeline first)")
     if not args.skip_synthetic:
@@ -233,9 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({args.patients * args.patches * args.dim * 2 / 1e9:.1f} GB float16) in {OUT}"
         )
         omics_dir, features_dir = write_synthetic(OUT, args.patients, args.patches, args.dim)
-        with decoded_feature_cache(args.feature_cache) as cache_dir:
-            record = two_epochs(omics_dir, features_dir, config, args.model, device, workers, cache_dir)
-        report("synthetic", record)
+        report("synthetic", two_epochs(omics_dir, features_dir, config, args.model, device, workers,
+                                       args.feature_cache))
     return 0
 
 

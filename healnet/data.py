@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from preprocessing.atomic import atomic_output
 from preprocessing.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -250,7 +249,7 @@ class BagDataset(Dataset):
                 if decoded is None:
                     f, c = read_store(store.path, rows, self._arrays)
                 else:
-                    f, c = (decoded[0], decoded[1]) if rows is None else (decoded[0][rows], decoded[1][rows])
+                    f, c = decoded if rows is None else (decoded[0][rows], decoded[1][rows])
                 feats.append(f)
                 coords.append(c)
             offset += store.n
@@ -275,7 +274,8 @@ class BagDataset(Dataset):
             features, coords = read_store(path, None, self._arrays)
             try:
                 for file, array in zip(files, (features, coords), strict=True):
-                    _save_npy_atomic(file, array)
+                    with atomic_output(file) as tmp, open(tmp, "wb") as handle:
+                        np.save(handle, np.ascontiguousarray(array))
                 arrays = tuple(np.load(f, mmap_mode="r") for f in files)
             except (OSError, ValueError) as err:
                 log.warning("decoded-feature cache %s not used from here on: %s", self.cache_dir, err)
@@ -304,17 +304,6 @@ class BagDataset(Dataset):
             except InputError as err:  # raised by checked_batches in the main process
                 item["error"] = (err.source, err.reason)
         return item
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` under a temporary name in the same folder, then rename it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class BagBatchSampler:
