@@ -1,0 +1,159 @@
+"""A linear yardstick for a cohort: ridge Cox models on the pipeline's own folds and inputs.
+
+Why: at the sizes of most TCGA cohorts (tens of deaths per training fold) a deep survival model has
+to beat a simple linear one before its architecture means anything. This script fits, per
+held-out fold of ``splits.parquet``, three ridge-penalised Cox models (scikit-survival):
+
+- ``slides``: each patient's patch features averaged over all patches of all its slides, then
+  standardised and reduced to ``--components`` principal components, both fitted on the training
+  patients that have slides;
+- ``omics``: the fold's omic matrix exactly as the training harness builds it (log, imputation,
+  scaling and the ``training.omic_max_features`` / ``omic_select_by`` screen of the config, fitted
+  on the training patients);
+- ``both``: the two blocks side by side; a patient without one modality gets zeros there (the
+  training mean, since both blocks are centred).
+
+Each is scored by Harrell's c-index on every held-out patient, the same patients as the ``full``
+rows of ``results/{cohort}/summary.md``. As there, a unimodal model gives a patient without its
+modality the training-median risk. When ``--results`` is given, the pipeline's models' mean c-index
+(``full`` setting) is printed next to it. Labels reach only the Cox fits and the omic screen, and
+only from training patients.
+
+    .venv/bin/python benchmarks/linear_reference.py COHORT [COHORT ...]
+    .venv/bin/python benchmarks/linear_reference.py DEMO --root /path/to/run --config config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
+from sksurv.linear_model import CoxPHSurvivalAnalysis
+from sksurv.metrics import concordance_index_censored
+from sksurv.util import Surv
+
+from healnet.config import load_config
+from healnet.data import read_store
+from healnet.train import Cohort, fit_omics, fold_patients, prepare_cohort
+
+BLOCKS = ("slides", "omics", "both")
+
+
+def pooled_features(cohort: Cohort) -> dict[str, np.ndarray]:
+    """Per patient with patches: the mean feature vector over all patches of all its slides."""
+    pooled = {}
+    for patient, stores in zip(cohort.patients, cohort.bags, strict=True):
+        if stores:
+            total = sum(read_store(s.path)[0].astype(np.float64).sum(axis=0) for s in stores)
+            pooled[patient] = total / sum(s.n for s in stores)
+    return pooled
+
+
+def c_index(survival: pd.DataFrame, patients: list[str], risk: np.ndarray) -> float:
+    """Harrell's c-index of ``risk`` over ``patients``."""
+    rows = survival.loc[patients]
+    return float(concordance_index_censored(
+        rows["event"].to_numpy(bool), rows["time"].to_numpy(float), risk
+    )[0])
+
+
+def fold_blocks(
+    cohort: Cohort, pooled: dict[str, np.ndarray], fold: int, training: dict, components: int
+) -> tuple[list[str], list[str], dict[str, dict[str, np.ndarray]]]:
+    """(training patients, held-out patients, block name -> patient -> input row) of one fold."""
+    survival = cohort.tables.manifest[["time", "event"]]
+    train, held = fold_patients(cohort.tables, fold, set(cohort.patients))
+    blocks: dict[str, tuple[dict[str, np.ndarray], int]] = {}
+    with_slides = [p for p in train if p in pooled]
+    if len(with_slides) > components:
+        fitted = np.stack([pooled[p] for p in with_slides])
+        scaler = StandardScaler().fit(fitted)
+        pca = PCA(components, random_state=0).fit(scaler.transform(fitted))
+        reduced = pca.transform(scaler.transform(np.stack(list(pooled.values()))))
+        blocks["slides"] = (dict(zip(pooled, reduced, strict=True)), components)
+    features = cohort.tables.features
+    if cohort.has_omics.any():
+        state = fit_omics(features, train, training, survival)
+        have = [p for p, has in zip(cohort.patients, cohort.has_omics, strict=True) if has]
+        matrix = state.transform.transform(features.loc[have])[state.columns].to_numpy(np.float64)
+        blocks["omics"] = (dict(zip(have, matrix, strict=True)), len(state.columns))
+    if len(blocks) == 2:
+        (slides, n_s), (omics, n_o) = blocks["slides"], blocks["omics"]
+        joint = {
+            p: np.concatenate([slides.get(p, np.zeros(n_s)), omics.get(p, np.zeros(n_o))])
+            for p in set(slides) | set(omics)
+        }
+        blocks["both"] = (joint, n_s + n_o)
+    return train, held, {name: values for name, (values, _) in blocks.items()}
+
+
+def fold_scores(
+    cohort: Cohort, pooled: dict[str, np.ndarray], fold: int, training: dict, components: int, penalty: float
+) -> dict[str, float]:
+    """The three ridge Cox models' c-index on one held-out fold."""
+    survival = cohort.tables.manifest[["time", "event"]]
+    train, held, blocks = fold_blocks(cohort, pooled, fold, training, components)
+    scores = {}
+    for name, values in blocks.items():
+        fit_on = [p for p in train if p in values]
+        rows = survival.loc[fit_on]
+        model = CoxPHSurvivalAnalysis(alpha=penalty).fit(
+            np.stack([values[p] for p in fit_on]),
+            Surv.from_arrays(rows["event"].to_numpy(bool), rows["time"].to_numpy(float)),
+        )
+        median = float(np.median(model.predict(np.stack([values[p] for p in fit_on]))))
+        risk = np.array([model.predict(values[p][None])[0] if p in values else median for p in held])
+        scores[name] = c_index(survival, held, risk)
+    return scores
+
+
+def pipeline_means(results: Path) -> dict[str, float]:
+    """Each trained model's mean c-index over folds in the ``full`` setting, from its folds.csv."""
+    means = {}
+    for path in sorted(results.glob("*/folds.csv")):
+        folds = pd.read_csv(path)
+        rows = folds[(folds["metric"] == "c_index") & (folds["setting"] == "full")]
+        if len(rows):
+            means[path.parent.name] = float(rows["value"].mean())
+    return means
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the linear yardstick per cohort, and the pipeline's models when their results exist."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cohorts", nargs="+")
+    parser.add_argument("--root", type=Path, default=Path("."), help="holds omics/, features/, results/")
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--components", type=int, default=4, help="principal components of pooled features")
+    parser.add_argument("--penalty", type=float, default=10.0, help="ridge penalty of the Cox fits")
+    parser.add_argument("--results", help="results folder, {cohort} filled in (ROOT/results/{cohort})")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    encoder = config["extract"]["encoder"]
+    warnings.filterwarnings("ignore", module="sksurv")
+    for name in args.cohorts:
+        features_dir = args.root / "features" / name / encoder
+        cohort = prepare_cohort("healnet", args.root / "omics" / name, features_dir)
+        pooled = pooled_features(cohort)
+        folds = sorted(int(f) for f in cohort.tables.splits["fold"].unique())
+        per_fold = [
+            fold_scores(cohort, pooled, f, config["training"], args.components, args.penalty) for f in folds
+        ]
+        means = {b: float(np.mean([s[b] for s in per_fold])) for b in BLOCKS if all(b in s for s in per_fold)}
+        line = "  ".join(f"{b} {v:.3f}" for b, v in means.items())
+        if {"slides", "omics", "both"} <= set(means):
+            line += f"  (both - better single {means['both'] - max(means['slides'], means['omics']):+.3f})"
+        print(f"{name}: {len(cohort.patients)} patients, {len(folds)} folds; ridge Cox c-index: {line}")
+        results = Path(args.results.format(cohort=name)) if args.results else args.root / "results" / name
+        trained = pipeline_means(results)
+        if trained:
+            print("  pipeline, full setting: " + "  ".join(f"{m} {v:.3f}" for m, v in trained.items()))
+
+
+if __name__ == "__main__":
+    main()
