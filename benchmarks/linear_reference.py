@@ -15,9 +15,9 @@ held-out fold of ``splits.parquet``, three ridge-penalised Cox models (scikit-su
 
 Each is scored by Harrell's c-index on every held-out patient, the same patients as the ``full``
 rows of ``results/{cohort}/summary.md``. As there, a unimodal model gives a patient without its
-modality the training-median risk. When ``--results`` is given, the pipeline's models' mean c-index
-(``full`` setting) is printed next to it. Labels reach only the Cox fits and the omic screen, and
-only from training patients.
+modality the training-median risk. Where the pipeline's results are found (``ROOT/results/{cohort}``
+or ``--results``), its models' mean c-index in the ``full`` setting is printed underneath. Labels
+reach only the Cox fits and the omic screen, and only from training patients. Nothing is random.
 
     .venv/bin/python benchmarks/linear_reference.py COHORT [COHORT ...]
     .venv/bin/python benchmarks/linear_reference.py DEMO --root /path/to/run --config config.yaml
