@@ -40,6 +40,7 @@ from sksurv.util import Surv
 from healnet.config import load_config
 from healnet.data import read_store
 from healnet.train import Cohort, fit_omics, fold_patients, prepare_cohort
+from preprocessing.errors import InputError
 
 BLOCKS = ("slides", "omics", "both")
 
@@ -156,4 +157,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as err:
+        raise SystemExit(f"linear_reference: error: {err}") from None
