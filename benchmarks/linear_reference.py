@@ -56,11 +56,14 @@ def pooled_features(cohort: Cohort) -> dict[str, np.ndarray]:
 
 
 def c_index(survival: pd.DataFrame, patients: list[str], risk: np.ndarray) -> float:
-    """Harrell's c-index of ``risk`` over ``patients``."""
+    """Harrell's c-index of ``risk`` over ``patients``; NaN where no pair is comparable (no death)."""
     rows = survival.loc[patients]
-    return float(concordance_index_censored(
-        rows["event"].to_numpy(bool), rows["time"].to_numpy(float), risk
-    )[0])
+    try:
+        return float(concordance_index_censored(
+            rows["event"].to_numpy(bool), rows["time"].to_numpy(float), risk
+        )[0])
+    except ValueError:  # every patient censored, or no comparable pair
+        return float("nan")
 
 
 def fold_blocks(
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         per_fold = [
             fold_scores(cohort, pooled, f, config["training"], args.components, args.penalty) for f in folds
         ]
-        means = {b: float(np.mean([s[b] for s in per_fold])) for b in BLOCKS if all(b in s for s in per_fold)}
+        found = [b for b in BLOCKS if all(b in s for s in per_fold)]
+        means = {b: float(np.nanmean([s[b] for s in per_fold])) for b in found}
         line = "  ".join(f"{b} {v:.3f}" for b, v in means.items())
         if {"slides", "omics", "both"} <= set(means):
             line += f"  (both - better single {means['both'] - max(means['slides'], means['omics']):+.3f})"
