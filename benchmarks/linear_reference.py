@@ -9,7 +9,8 @@ held-out fold of ``splits.parquet``, three ridge-penalised Cox models (scikit-su
   patients that have slides;
 - ``omics``: the fold's omic matrix exactly as the training harness builds it (log, imputation,
   scaling and the ``training.omic_max_features`` / ``omic_select_by`` screen of the config, fitted
-  on the training patients);
+  on the training patients); a config that keeps thousands of features needs
+  ``--omic-max-features K``, as a Cox fit on them would take hours;
 - ``both``: the two blocks side by side; a patient without one modality gets zeros there (the
   training mean, since both blocks are centred).
 
@@ -26,6 +27,7 @@ reach only the Cox fits and the omic screen, and only from training patients. No
 from __future__ import annotations
 
 import argparse
+import logging
 import warnings
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from healnet.train import Cohort, fit_omics, fold_patients, prepare_cohort
 from preprocessing.errors import InputError
 
 BLOCKS = ("slides", "omics", "both")
+MAX_COX_COLUMNS = 256  # a Newton-Raphson Cox fit costs columns cubed: thousands of genes take hours
 
 
 def pooled_features(cohort: Cohort) -> dict[str, np.ndarray]:
@@ -83,6 +86,12 @@ def fold_blocks(
     features = cohort.tables.features
     if cohort.has_omics.any():
         state = fit_omics(features, train, training, survival)
+        if len(state.columns) > MAX_COX_COLUMNS:
+            raise InputError(
+                "training.omic_max_features",
+                f"{len(state.columns)} omic columns reach the Cox fit (at most {MAX_COX_COLUMNS}); "
+                "pass --omic-max-features K to screen them",
+            )
         have = [p for p, has in zip(cohort.patients, cohort.has_omics, strict=True) if has]
         matrix = state.transform.transform(features.loc[have])[state.columns].to_numpy(np.float64)
         blocks["omics"] = (dict(zip(have, matrix, strict=True)), len(state.columns))
@@ -136,10 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--components", type=int, default=4, help="principal components of pooled features")
     parser.add_argument("--penalty", type=float, default=10.0, help="ridge penalty of the Cox fits")
     parser.add_argument("--results", help="results folder, {cohort} filled in (ROOT/results/{cohort})")
+    parser.add_argument("--omic-max-features", type=int, help="replaces training.omic_max_features")
     args = parser.parse_args(argv)
     config = load_config(args.config)
+    if args.omic_max_features is not None:
+        config["training"]["omic_max_features"] = args.omic_max_features
     encoder = config["extract"]["encoder"]
     warnings.filterwarnings("ignore", module="sksurv")
+    logging.getLogger("healnet.train").setLevel(logging.ERROR)  # its notes speak of training a model
     for name in args.cohorts:
         features_dir = args.root / "features" / name / encoder
         cohort = prepare_cohort("healnet", args.root / "omics" / name, features_dir)
