@@ -22,10 +22,11 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / 
 # from seeds made in the main process and the bag loader keeps its own random generator), threads
 # (another thread count only reorders float sums, so a retrained model may differ in the last
 # digits), how often an unfinished fold saves its state (a resumed fold gives the same numbers) and
-# where decoded features are cached (the same values, read faster).
+# where decoded features are cached and whether bags stay in the device's memory (the same values,
+# read faster).
 # The workflow keeps them out of the training snapshot, so changing them retrains nothing, and
 # `healnet train` leaves them out of the fingerprint that a saved state must match.
-TRAINING_RUN_SETTINGS = ("workers", "threads", "save_state_minutes", "feature_cache")
+TRAINING_RUN_SETTINGS = ("workers", "threads", "save_state_minutes", "feature_cache", "bags_on_device")
 # A decimal number with an exponent but no dot ("1e-5"): YAML 1.1 reads it as text, JSON and
 # YAML 1.2 as a number. Python's json writes floats below 1e-4 this way ("1e-05").
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")

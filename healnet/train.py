@@ -59,6 +59,7 @@ from healnet.data import (
     BagBatchSampler,
     BagDataset,
     OmicsTables,
+    ResidentBags,
     checked_batches,
     index_stores,
     load_omics_dir,
@@ -324,7 +325,10 @@ def train_model(
     """
     opt = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
     sampler = BagBatchSampler(rows, training["batch_size"], shuffle=True, seed=seed, sample=True)
-    loader = make_loader(dataset, sampler, workers, pin_memory=device.type == "cuda")
+    started = time.perf_counter()
+    resident = resident_bags(dataset, rows, device, workers, training.get("bags_on_device", False))
+    load_seconds = time.perf_counter() - started
+    loader = None if resident else make_loader(dataset, sampler, workers, pin_memory=device.type == "cuda")
     weight_t = torch.as_tensor(weights, device=device) if weights is not None else None
     accum, alpha, l1 = training["grad_accumulation"], training["alpha"], training["l1_omics"]
     drop_p = float(training.get("modality_dropout", 0.0)) if multimodal else 0.0
@@ -348,7 +352,7 @@ def train_model(
         sampler.set_epoch(epoch)
         total_loss, n_seen, wait, start = 0.0, 0, 0.0, time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        iterator = checked_batches(loader)
+        iterator = checked_batches(loader) if resident is None else map(resident.collate, sampler)
         step = 0
         while True:
             t0 = time.perf_counter()
@@ -389,6 +393,8 @@ def train_model(
         }
         if epoch == first_epoch > 0:
             record["resumed"] = True
+        if epoch == first_epoch and resident is not None:
+            record["bags_on_device_seconds"] = round(load_seconds, 3)
         if val_rows is not None and len(val_rows):
             logits = predict(
                 model, dataset, val_rows, device, {"full": _all_flags(dataset, val_rows)}, workers
@@ -429,6 +435,47 @@ def train_model(
         model.load_state_dict(best[2])
         history.append({"restored_epoch": best[1], "inner_val_c_index": best[0]})
     return history
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def resident_bags(
+    dataset: BagDataset, rows: Sequence[int], device: torch.device, workers: int, setting: bool | str
+) -> ResidentBags | None:
+    """The training bags kept on ``device`` when ``training.bags_on_device`` asks for it (``auto``: on
+    a GPU) and they fit in three quarters of its free memory; otherwise None, and the loader's
+    readers read them at every epoch (said in the log when the bags were asked for but do not fit)."""
+    wanted = setting is True or (setting == "auto" and device.type == "cuda")
+    if not wanted or not dataset.read_wsi or not dataset.has_wsi[list(rows)].any():
+        return None
+    need, free = ResidentBags.nbytes(dataset, rows), free_memory(device)
+    if need > 0.75 * free:
+        log.warning("training.bags_on_device: the training bags need %.1f GiB, %.1f GiB of %s memory is "
+                    "free; they are read from the stores at every epoch instead", need / 2**30,
+                    free / 2**30, device.type)
+        return None
+    try:
+        bags = ResidentBags(dataset, rows, device, workers)
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("training.bags_on_device: %s memory ran out while the bags were loaded; they are "
+                    "read from the stores at every epoch instead", device.type)
+        return None
+    log.info("%d training bags (%.1f GiB) kept in %s memory", len(bags.features), need / 2**30, device.type)
+    return bags
 
 
 def _all_flags(dataset: BagDataset, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -732,7 +779,7 @@ def decoded_feature_cache(root: str | Path | None) -> Iterator[Path | None]:
     """A private folder under ``root`` for this run's decoded features, removed when the run ends
     (None without ``root``). Private to the run, so no other job's or an older run's files are
     ever read: the stores cannot change under it."""
-    if not root:
+    if not root or str(root) == "none":  # "none": how the workflow and the CLI say no cache
         yield None
         return
     try:
@@ -827,6 +874,9 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-cache", default=None, metavar="DIR",
                         help="decode each feature store once into a private folder under DIR, removed at the "
                         "end; 'none' for none (default: training.feature_cache of the config)")
+    parser.add_argument("--bags-on-device", choices=["auto", "yes", "no"], default=None,
+                        help="keep the training bags in the device's memory after one read (auto: on a GPU, "
+                        "when they fit; default: training.bags_on_device of the config)")
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -848,6 +898,8 @@ def cli(argv: list[str] | None = None) -> int:
     if args.feature_cache is not None:
         off = args.feature_cache in ("", "none")
         config["training"]["feature_cache"] = None if off else args.feature_cache
+    if args.bags_on_device is not None:
+        config["training"]["bags_on_device"] = {"yes": True, "no": False}.get(args.bags_on_device, "auto")
     table = run_cv(
         config,
         args.cohort,

@@ -316,6 +316,45 @@ def test_decoded_feature_cache_reads_each_store_once_and_changes_no_number(
     assert len(err) == 1 and "training.feature_cache: cannot make a folder in" in err[0]
 
 
+def test_bags_kept_on_the_device_change_no_number_and_are_read_when_they_do_not_fit(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    omics_dir, features_dir, _ = cohort
+    outputs = []
+    for name, setting, workers in (("read", "no", 0), ("kept", "yes", 0), ("kept-readers", "yes", 2),
+                                   ("too-large", "yes", 0)):
+        if name == "too-large":
+            monkeypatch.setattr(train, "free_memory", lambda device: 1000)
+        config = write_config(tmp_path / f"{name}.yaml", modality_dropout=0.5, workers=workers, epochs=3)
+        out = tmp_path / name
+        caplog.clear()
+        assert healnet_main(train_args(config, omics_dir, features_dir, out, "healnet", "--folds", "0",
+                                       "--bags-on-device", setting)) == 0
+        results = out / "results" / "healnet"
+        log = json.loads((results / "log.json").read_text())
+        epochs = log["folds"][0]["epochs"]
+        assert ("bags_on_device_seconds" in epochs[0]) == name.startswith("kept")
+        assert ("read from the stores at every epoch instead" in caplog.text) == (name == "too-large")
+        outputs.append((pd.read_csv(results / "folds.csv"), pd.read_parquet(results / "predictions.parquet"),
+                        [e.get("train_loss") for e in epochs]))
+    for other in outputs[1:]:
+        pd.testing.assert_frame_equal(other[0], outputs[0][0])
+        pd.testing.assert_frame_equal(other[1], outputs[0][1])
+        assert other[2] == outputs[0][2]
+
+
+def test_feature_cache_none_in_a_config_means_no_cache(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    omics_dir, features_dir, _ = cohort
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "none.yaml", workers=0, epochs=1, feature_cache="none")
+    assert healnet_main(train_args(config, omics_dir, features_dir, tmp_path / "out", "healnet",
+                                   "--folds", "0")) == 0
+    assert not (tmp_path / "none").exists()
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, items: list[dict]) -> None:
         self.items = items

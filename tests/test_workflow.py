@@ -105,7 +105,8 @@ def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Pa
 
     try:
         tuned = dry_run_with({"workers": 3, "batch_size": 16, "threads": 2},
-                             {"workers": 2, "threads": 2, "save_state_minutes": 1, "feature_cache": "/tmp"})
+                             {"workers": 2, "threads": 2, "save_state_minutes": 1, "feature_cache": "/tmp",
+                              "bags_on_device": True})
         retrained = dry_run_with({}, {"lr": 0.001})
     finally:
         (tiny_run / "config.yaml").write_text(original)

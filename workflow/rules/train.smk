@@ -45,6 +45,7 @@ rule train_fold:
         readers=config["training"]["workers"],  # run settings (see common.smk)
         save_state_minutes=config["training"]["save_state_minutes"],
         feature_cache=config["training"]["feature_cache"] or "none",
+        bags_on_device={True: "yes", False: "no"}.get(config["training"]["bags_on_device"], "auto"),
     conda:
         "../../envs/model.yaml"
     shell:
@@ -54,7 +55,8 @@ rule train_fold:
         " --models-dir models/{wildcards.cohort}/{wildcards.model}"
         " --results-dir results/{wildcards.cohort}/{wildcards.model}/fold{wildcards.fold}"
         " --threads {threads} --workers {resources.readers} --save-state-minutes {resources.save_state_minutes}"
-        " --feature-cache {resources.feature_cache:q} --device {params.device} > {log} 2>&1"
+        " --feature-cache {resources.feature_cache:q} --bags-on-device {resources.bags_on_device}"
+        " --device {params.device} > {log} 2>&1"
 
 
 # The folds of one model joined into the files an all-fold `healnet train` writes.
