@@ -265,12 +265,12 @@ class BagDataset(Dataset):
             return feats[0], coords[0]
         return np.concatenate(feats), np.concatenate(coords)
 
-    def _decoded_store(self, path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    def _decoded_store(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         """A store's features and coords memory-mapped from the decoded cache, decoded and written
         there on first use (by whichever reader process comes first: the files appear by atomic
-        rename, so a concurrent reader sees a whole file or none). None when the cache cannot be
-        written (a full disk, say): the caller then reads the store itself, and this process stops
-        using the cache."""
+        rename, so a concurrent reader sees a whole file or none). When the cache cannot be written
+        (a full disk, say), the arrays just decoded are returned once and this process stops using
+        the cache."""
         if path in self._decoded:
             return self._decoded[path]
         assert self.cache_dir is not None
@@ -288,7 +288,7 @@ class BagDataset(Dataset):
             except (OSError, ValueError) as err:
                 log.warning("decoded-feature cache %s not used from here on: %s", self.cache_dir, err)
                 self.cache_dir = None
-                return None
+                return features, coords
         self._decoded[path] = (arrays[0], arrays[1])
         return self._decoded[path]
 

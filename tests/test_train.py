@@ -316,6 +316,38 @@ def test_decoded_feature_cache_reads_each_store_once_and_changes_no_number(
     assert len(err) == 1 and "training.feature_cache: cannot make a folder in" in err[0]
 
 
+def test_a_cache_that_cannot_be_written_costs_no_second_decoding(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from healnet import data
+
+    omics_dir, features_dir, _ = cohort
+    manifest = data.load_omics_dir(omics_dir).manifest
+    found, _ = data.index_stores(features_dir, manifest)
+    bags = [found.get(p, []) for p in manifest["patient"]]
+    row = next(i for i, b in enumerate(bags) if b)
+    n = len(bags)
+
+    def dataset(cache_dir: Path | None) -> data.BagDataset:
+        return data.BagDataset(np.zeros((n, 1), np.float32), np.ones(n, bool), bags, np.zeros(n, int),
+                               np.ones(n), np.ones(n), cache_dir=cache_dir)
+
+    reads: list[Path] = []
+    read_store = data.read_store
+    monkeypatch.setattr(data, "read_store",
+                        lambda path, *a, **k: reads.append(path) or read_store(path, *a, **k))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unwritable = dataset(blocker)  # no cache file can be made inside a file
+    features, coords = unwritable.read_bag(row)
+    assert len(reads) == len(bags[row])  # each store decoded once, not again after the failed write
+    assert unwritable.cache_dir is None and "not used from here on" in caplog.text
+    expected = dataset(None).read_bag(row)
+    np.testing.assert_array_equal(features, expected[0])
+    np.testing.assert_array_equal(coords, expected[1])
+
+
 def test_bags_kept_on_the_device_change_no_number_and_are_read_when_they_do_not_fit(
     cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
