@@ -294,7 +294,17 @@ class BagDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
         row, seed = key if isinstance(key, tuple) else (key, -1)
-        item: dict[str, Any] = {
+        item = self.fields(row)
+        if self.read_wsi and self.has_wsi[row]:
+            try:
+                item["wsi"], item["coords"] = self.read_bag(row, seed)
+            except InputError as err:  # raised by checked_batches in the main process
+                item["error"] = (err.source, err.reason)
+        return item
+
+    def fields(self, row: int) -> dict[str, Any]:
+        """One patient's item without its bag (``wsi`` and ``coords`` None)."""
+        return {
             "row": row,
             "omics": self.omics[row],
             "has_omics": self.has_omics[row],
@@ -306,12 +316,6 @@ class BagDataset(Dataset):
             "coords": None,
             "error": None,
         }
-        if self.read_wsi and self.has_wsi[row]:
-            try:
-                item["wsi"], item["coords"] = self.read_bag(row, seed)
-            except InputError as err:  # raised by checked_batches in the main process
-                item["error"] = (err.source, err.reason)
-        return item
 
 
 class BagBatchSampler:
@@ -365,14 +369,20 @@ def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
         wsi = _batch_buffer((len(items), longest, dim), dtype)
         coords = _batch_buffer((len(items), longest, 2), torch.float32)
         mask = torch.zeros((len(items), longest), dtype=torch.bool)
-        wsi_np, coords_np = wsi.numpy(), coords.numpy()
-        for i, it in enumerate(items):
-            n = 0 if it["wsi"] is None else len(it["wsi"])
-            if n:
-                wsi_np[i, :n], coords_np[i, :n], mask[i, :n] = it["wsi"], it["coords"], True
-            wsi_np[i, n:], coords_np[i, n:] = 0, 0
+        bags_in = [None if it["wsi"] is None else (it["wsi"], it["coords"]) for it in items]
+        _pad_into(bags_in, wsi.numpy(), coords.numpy(), mask)
         out.update(wsi=wsi, coords=coords, wsi_mask=mask)
     return out
+
+
+def _pad_into(bags: Sequence[tuple[Any, Any] | None], wsi: Any, coords: Any, mask: torch.Tensor) -> None:
+    """Copy bag ``i`` (features, coords) into row ``i`` of uninitialised padded arrays (numpy arrays
+    or tensors alike), zeros after it, and mark its patches in the all-False ``mask``."""
+    for i, bag in enumerate(bags):
+        n = 0 if bag is None else len(bag[0])
+        if n:
+            wsi[i, :n], coords[i, :n], mask[i, :n] = bag[0], bag[1], True
+        wsi[i, n:], coords[i, n:] = 0, 0
 
 
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -465,42 +475,21 @@ class ResidentBags:
 
     def collate(self, keys: Sequence[tuple[int, int]]) -> dict[str, Any]:
         """The batch :func:`collate_bags` makes for ``keys`` (``(row, seed)``), its bags on the device."""
-        ds = self.dataset
-        rows = [int(r) for r, _ in keys]
-        out: dict[str, Any] = {
-            "row": torch.tensor(rows),
-            "omics": torch.from_numpy(ds.omics[rows]),
-            "has_omics": torch.from_numpy(ds.has_omics[rows]),
-            "has_wsi": torch.tensor([bool(ds.has_wsi[r] and ds.read_wsi) for r in rows]),
-            "bin": torch.from_numpy(ds.bins[rows]),
-            "event": torch.from_numpy(ds.events[rows]),
-            "time": torch.from_numpy(ds.times[rows]),
-            "errors": [],
-            "wsi": None,
-            "wsi_mask": None,
-            "coords": None,
-        }
+        out = collate_bags([self.dataset.fields(int(row)) for row, _ in keys])  # every field but the bags
         bags: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for row, seed in keys:
-            features = self.features.get(int(row))
-            if features is None:
-                bags.append(None)
-                continue
-            pick = patch_pick(len(features), ds.max_patches, seed)
-            if pick is None:
-                bags.append((features, self.coords[int(row)]))
-            else:
+            features, coords = self.features.get(int(row)), self.coords.get(int(row))
+            pick = None if features is None else patch_pick(len(features), self.dataset.max_patches, seed)
+            if pick is not None:
                 index = torch.as_tensor(pick, device=self.device)
-                bags.append((features[index], self.coords[int(row)][index]))
+                features, coords = features[index], coords[index]
+            bags.append(None if features is None else (features, coords))
         longest = max((len(b[0]) for b in bags if b is not None), default=0)
         if longest:
             dim, dtype = next((b[0].shape[1], b[0].dtype) for b in bags if b is not None)
-            wsi = torch.zeros((len(keys), longest, dim), dtype=dtype, device=self.device)
-            coords = torch.zeros((len(keys), longest, 2), dtype=torch.float32, device=self.device)
+            wsi = torch.empty((len(keys), longest, dim), dtype=dtype, device=self.device)
+            coords = torch.empty((len(keys), longest, 2), dtype=torch.float32, device=self.device)
             mask = torch.zeros((len(keys), longest), dtype=torch.bool, device=self.device)
-            for i, bag in enumerate(bags):
-                if bag is not None:
-                    n = len(bag[0])
-                    wsi[i, :n], coords[i, :n], mask[i, :n] = bag[0], bag[1], True
+            _pad_into(bags, wsi, coords, mask)
             out.update(wsi=wsi, coords=coords, wsi_mask=mask)
         return out
