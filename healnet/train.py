@@ -779,7 +779,7 @@ def decoded_feature_cache(root: str | Path | None) -> Iterator[Path | None]:
     """A private folder under ``root`` for this run's decoded features, removed when the run ends
     (None without ``root``). Private to the run, so no other job's or an older run's files are
     ever read: the stores cannot change under it."""
-    if not root or str(root) == "none":  # "none": how the workflow and the CLI say no cache
+    if not root:
         yield None
         return
     try:
@@ -812,9 +812,11 @@ def run_cv(
         raise InputError("--model", f"unknown model {model_name!r}; choose from {sorted(MODEL_MODALITIES)}")
     if threads:
         torch.set_num_threads(threads)
-    # checked before the cohort is read; log.json records the number that ran
+    # checked before the cohort is read; log.json records the number that ran, and no cache as null
     workers = resolve_workers(config["training"]["workers"], device.type, torch.get_num_threads())
-    config = {**config, "training": {**config["training"], "workers": workers}}
+    cache = config["training"]["feature_cache"]
+    cache = None if cache in ("", "none") else cache  # "none": how the workflow and the CLI say no cache
+    config = {**config, "training": {**config["training"], "workers": workers, "feature_cache": cache}}
     cohort = prepare_cohort(model_name, omics_dir, features_dir)
     available = sorted(int(f) for f in cohort.tables.splits["fold"].unique())
     folds = available if folds is None else list(folds)
@@ -896,8 +898,7 @@ def cli(argv: list[str] | None = None) -> int:
             raise InputError("--save-state-minutes", f"must be 0 or more, got {args.save_state_minutes}")
         config["training"]["save_state_minutes"] = args.save_state_minutes
     if args.feature_cache is not None:
-        off = args.feature_cache in ("", "none")
-        config["training"]["feature_cache"] = None if off else args.feature_cache
+        config["training"]["feature_cache"] = args.feature_cache
     if args.bags_on_device is not None:
         config["training"]["bags_on_device"] = {"yes": True, "no": False}.get(args.bags_on_device, "auto")
     table = run_cv(

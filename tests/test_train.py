@@ -385,6 +385,8 @@ def test_feature_cache_none_in_a_config_means_no_cache(
     assert healnet_main(train_args(config, omics_dir, features_dir, tmp_path / "out", "healnet",
                                    "--folds", "0")) == 0
     assert not (tmp_path / "none").exists()
+    log = json.loads((tmp_path / "out" / "results" / "healnet" / "log.json").read_text())
+    assert log["training"]["feature_cache"] is None  # recorded as the CLI's `--feature-cache none` is
 
 
 class ListDataset(torch.utils.data.Dataset):
