@@ -39,7 +39,7 @@ import torch
 import zarr
 
 from healnet.baselines import build_model, model_spec
-from healnet.config import load_config
+from healnet.config import BAGS_ON_DEVICE_WORDS, load_config
 from healnet.data import BagBatchSampler, BagDataset, make_loader
 from healnet.train import decoded_feature_cache, fit_omics, prepare_cohort, resolve_device, train_model
 from preprocessing.workers import resolve_workers, workers_argument
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
-    parser.add_argument("--bags-on-device", choices=["auto", "yes", "no"], default=None,
+    parser.add_argument("--bags-on-device", choices=list(BAGS_ON_DEVICE_WORDS), default=None,
                         help="as training.bags_on_device (default: the config's)")
     parser.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                         help="decoded-feature cache under DIR, as training.feature_cache (default: none)")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size:
         config["training"]["batch_size"] = args.batch_size
     if args.bags_on_device is not None:
-        config["training"]["bags_on_device"] = {"yes": True, "no": False}.get(args.bags_on_device, "auto")
+        config["training"]["bags_on_device"] = BAGS_ON_DEVICE_WORDS[args.bags_on_device]
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     setting = config["training"]["workers"] if args.workers is None else args.workers

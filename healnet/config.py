@@ -27,6 +27,9 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / 
 # The workflow keeps them out of the training snapshot, so changing them retrains nothing, and
 # `healnet train` leaves them out of the fingerprint that a saved state must match.
 TRAINING_RUN_SETTINGS = ("workers", "threads", "save_state_minutes", "feature_cache", "bags_on_device")
+# The command-line words for training.bags_on_device's values (`--bags-on-device`), and back.
+BAGS_ON_DEVICE_WORDS: dict[str, bool | str] = {"yes": True, "no": False, "auto": "auto"}
+BAGS_ON_DEVICE_SETTING_WORDS = {value: word for word, value in BAGS_ON_DEVICE_WORDS.items()}
 # A decimal number with an exponent but no dot ("1e-5"): YAML 1.1 reads it as text, JSON and
 # YAML 1.2 as a number. Python's json writes floats below 1e-4 this way ("1e-05").
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")

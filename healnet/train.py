@@ -54,7 +54,7 @@ from sksurv.metrics import concordance_index_censored
 
 from healnet.baselines import build_model, model_spec
 from healnet.collect import parse_folds
-from healnet.config import TRAINING_RUN_SETTINGS, load_config
+from healnet.config import BAGS_ON_DEVICE_WORDS, TRAINING_RUN_SETTINGS, load_config
 from healnet.data import (
     BagBatchSampler,
     BagDataset,
@@ -876,7 +876,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-cache", default=None, metavar="DIR",
                         help="decode each feature store once into a private folder under DIR, removed at the "
                         "end; 'none' for none (default: training.feature_cache of the config)")
-    parser.add_argument("--bags-on-device", choices=["auto", "yes", "no"], default=None,
+    parser.add_argument("--bags-on-device", choices=list(BAGS_ON_DEVICE_WORDS), default=None,
                         help="keep the training bags in the device's memory after one read (auto: on a GPU, "
                         "when they fit; default: training.bags_on_device of the config)")
     parser.add_argument(
@@ -900,7 +900,7 @@ def cli(argv: list[str] | None = None) -> int:
     if args.feature_cache is not None:
         config["training"]["feature_cache"] = args.feature_cache
     if args.bags_on_device is not None:
-        config["training"]["bags_on_device"] = {"yes": True, "no": False}.get(args.bags_on_device, "auto")
+        config["training"]["bags_on_device"] = BAGS_ON_DEVICE_WORDS[args.bags_on_device]
     table = run_cv(
         config,
         args.cohort,

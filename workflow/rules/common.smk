@@ -16,7 +16,7 @@ _USES_CONDA = DeploymentMethod.CONDA in (workflow.deployment_settings.deployment
 _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
 ENCODER = config["extract"]["encoder"]
-from healnet.config import TRAINING_RUN_SETTINGS
+from healnet.config import BAGS_ON_DEVICE_SETTING_WORDS, TRAINING_RUN_SETTINGS
 from healnet.modalities import MODEL_MODALITIES
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
 from preprocessing.slide_files import SlideFolderError, find_slide_files

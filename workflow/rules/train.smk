@@ -45,7 +45,7 @@ rule train_fold:
         readers=config["training"]["workers"],  # run settings (see common.smk)
         save_state_minutes=config["training"]["save_state_minutes"],
         feature_cache=config["training"]["feature_cache"] or "none",
-        bags_on_device={True: "yes", False: "no"}.get(config["training"]["bags_on_device"], "auto"),
+        bags_on_device=BAGS_ON_DEVICE_SETTING_WORDS[config["training"]["bags_on_device"]],
     conda:
         "../../envs/model.yaml"
     shell:
