@@ -250,29 +250,29 @@ def test_same_seed_same_c_index(cohort: tuple[Path, Path, Path], tmp_path: Path)
     assert losses[0] != losses[2]  # another seed really changes the run
 
 
-def test_reader_count_leaves_the_numbers_unchanged(cohort: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    # training.workers is a run setting that Snakemake does not track, so it must not change results
-    omics_dir, features_dir, _ = cohort
-    values, losses = [], []
-    for workers in (0, 2):
-        config = write_config(tmp_path / f"w{workers}.yaml", modality_dropout=0.5, workers=workers)
-        out = tmp_path / f"w{workers}"
-        assert healnet_main(train_args(config, omics_dir, features_dir, out, "healnet", "--folds", "0")) == 0
-        folds = pd.read_csv(out / "results" / "healnet" / "folds.csv")
-        values.append(folds.query("metric == 'c_index'")["value"].round(6).tolist())
-        log = json.loads((out / "results" / "healnet" / "log.json").read_text())
-        losses.append([e["train_loss"] for e in log["folds"][0]["epochs"]])
-    assert log["training"]["workers"] == 2
-    assert losses[0] == losses[1] and values[0] == values[1]
+def fold0_outputs(
+    config: Path, omics_dir: Path, features_dir: Path, out: Path, *extra: str
+) -> tuple[tuple[pd.DataFrame, pd.DataFrame, list], dict]:
+    """Train HEALNet's fold 0; its ``(folds.csv, predictions, per-epoch losses)`` and ``log.json``."""
+    args = train_args(config, omics_dir, features_dir, out, "healnet", "--folds", "0", *extra)
+    assert healnet_main(args) == 0
+    results = out / "results" / "healnet"
+    log = json.loads((results / "log.json").read_text())
+    losses = [e.get("train_loss") for e in log["folds"][0]["epochs"]]
+    return (pd.read_csv(results / "folds.csv"), pd.read_parquet(results / "predictions.parquet"), losses), log
 
 
-def test_decoded_feature_cache_reads_each_store_once_and_changes_no_number(
-    cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def assert_same_outputs(outputs: list[tuple[pd.DataFrame, pd.DataFrame, list]]) -> None:
+    for other in outputs[1:]:
+        pd.testing.assert_frame_equal(other[0], outputs[0][0])
+        pd.testing.assert_frame_equal(other[1], outputs[0][1])
+        assert other[2] == outputs[0][2]
+
+
+def count_store_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths healnet.data.read_store is called with from now on (in this process)."""
     from healnet import data
 
-    omics_dir, features_dir, _ = cohort
     reads: list[Path] = []
     read_store = data.read_store
 
@@ -281,28 +281,41 @@ def test_decoded_feature_cache_reads_each_store_once_and_changes_no_number(
         return read_store(path, *args, **kwargs)
 
     monkeypatch.setattr(data, "read_store", counted)
+    return reads
+
+
+def test_reader_count_leaves_the_numbers_unchanged(cohort: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    # training.workers is a run setting that Snakemake does not track, so it must not change results
+    omics_dir, features_dir, _ = cohort
+    outputs = []
+    for workers in (0, 2):
+        config = write_config(tmp_path / f"w{workers}.yaml", modality_dropout=0.5, workers=workers)
+        output, log = fold0_outputs(config, omics_dir, features_dir, tmp_path / f"w{workers}")
+        outputs.append(output)
+    assert log["training"]["workers"] == 2
+    assert_same_outputs(outputs)
+
+
+def test_decoded_feature_cache_reads_each_store_once_and_changes_no_number(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    omics_dir, features_dir, _ = cohort
+    reads = count_store_reads(monkeypatch)
     cache = tmp_path / "cache"
     outputs = []
     for name, extra, workers in (("plain", (), 0), ("cached", ("--feature-cache", str(cache)), 0),
                                  ("cached-readers", ("--feature-cache", str(cache)), 2)):
         reads.clear()
         config = write_config(tmp_path / f"{name}.yaml", modality_dropout=0.5, workers=workers, epochs=3)
-        out = tmp_path / name
-        assert healnet_main(train_args(config, omics_dir, features_dir, out, "healnet", "--folds", "0",
-                                       *extra)) == 0
-        results = out / "results" / "healnet"
-        log = json.loads((results / "log.json").read_text())
-        outputs.append((pd.read_csv(results / "folds.csv"), pd.read_parquet(results / "predictions.parquet"),
-                        [e.get("train_loss") for e in log["folds"][0]["epochs"]]))
+        output, log = fold0_outputs(config, omics_dir, features_dir, tmp_path / name, *extra)
+        outputs.append(output)
         if name == "plain":
             assert len(reads) > len(set(reads))  # every epoch decodes its stores again
         elif workers == 0:
             assert sorted(reads) == sorted(set(reads))  # each store decoded once
         assert log["training"]["feature_cache"] == (str(cache) if extra else None)
-    for other in outputs[1:]:
-        pd.testing.assert_frame_equal(other[0], outputs[0][0])
-        pd.testing.assert_frame_equal(other[1], outputs[0][1])
-        assert other[2] == outputs[0][2]
+    assert_same_outputs(outputs)
     assert cache.is_dir() and not any(cache.iterdir())  # each run's private folder is removed
 
     blocker = tmp_path / "a-file"
@@ -333,10 +346,7 @@ def test_a_cache_that_cannot_be_written_costs_no_second_decoding(
         return data.BagDataset(np.zeros((n, 1), np.float32), np.ones(n, bool), bags, np.zeros(n, int),
                                np.ones(n), np.ones(n), cache_dir=cache_dir)
 
-    reads: list[Path] = []
-    read_store = data.read_store
-    monkeypatch.setattr(data, "read_store",
-                        lambda path, *a, **k: reads.append(path) or read_store(path, *a, **k))
+    reads = count_store_reads(monkeypatch)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     unwritable = dataset(blocker)  # no cache file can be made inside a file
@@ -359,21 +369,13 @@ def test_bags_kept_on_the_device_change_no_number_and_are_read_when_they_do_not_
         if name == "too-large":
             monkeypatch.setattr(train, "free_memory", lambda device: 1000)
         config = write_config(tmp_path / f"{name}.yaml", modality_dropout=0.5, workers=workers, epochs=3)
-        out = tmp_path / name
         caplog.clear()
-        assert healnet_main(train_args(config, omics_dir, features_dir, out, "healnet", "--folds", "0",
-                                       "--bags-on-device", setting)) == 0
-        results = out / "results" / "healnet"
-        log = json.loads((results / "log.json").read_text())
-        epochs = log["folds"][0]["epochs"]
-        assert ("bags_on_device_seconds" in epochs[0]) == name.startswith("kept")
+        output, log = fold0_outputs(config, omics_dir, features_dir, tmp_path / name,
+                                    "--bags-on-device", setting)
+        outputs.append(output)
+        assert ("bags_on_device_seconds" in log["folds"][0]["epochs"][0]) == name.startswith("kept")
         assert ("read from the stores at every epoch instead" in caplog.text) == (name == "too-large")
-        outputs.append((pd.read_csv(results / "folds.csv"), pd.read_parquet(results / "predictions.parquet"),
-                        [e.get("train_loss") for e in epochs]))
-    for other in outputs[1:]:
-        pd.testing.assert_frame_equal(other[0], outputs[0][0])
-        pd.testing.assert_frame_equal(other[1], outputs[0][1])
-        assert other[2] == outputs[0][2]
+    assert_same_outputs(outputs)
 
 
 def test_feature_cache_none_in_a_config_means_no_cache(
