@@ -41,6 +41,7 @@ from sksurv.util import Surv
 
 from healnet.config import load_config
 from healnet.data import read_store
+from healnet.evaluate import read_folds, summarise
 from healnet.train import Cohort, fit_omics, fold_patients, prepare_cohort
 from preprocessing.errors import InputError
 
@@ -126,14 +127,13 @@ def fold_scores(
 
 
 def pipeline_means(results: Path) -> dict[str, float]:
-    """Each trained model's mean c-index over folds in the ``full`` setting, from its folds.csv."""
-    means = {}
-    for path in sorted(results.glob("*/folds.csv")):
-        folds = pd.read_csv(path)
-        rows = folds[(folds["metric"] == "c_index") & (folds["setting"] == "full")]
-        if len(rows):
-            means[path.parent.name] = float(rows["value"].mean())
-    return means
+    """Each trained model's mean c-index over folds in the ``full`` setting, as ``summary.md`` has it
+    (none when no model's ``folds.csv`` is there)."""
+    if not any(results.glob("*/folds.csv")):
+        return {}
+    summary = summarise(read_folds(results, None))
+    full = summary[summary["setting"] == "full"]
+    return dict(zip(full["model"], full["c_index_mean"].astype(float), strict=True))
 
 
 def main(argv: list[str] | None = None) -> None:
