@@ -328,7 +328,8 @@ def train_model(
     started = time.perf_counter()
     resident = resident_bags(dataset, rows, device, workers, training.get("bags_on_device", False))
     load_seconds = time.perf_counter() - started
-    loader = None if resident is not None else make_loader(dataset, sampler, workers, pin_memory=device.type == "cuda")
+    pinned = device.type == "cuda"
+    loader = None if resident is not None else make_loader(dataset, sampler, workers, pin_memory=pinned)
     weight_t = torch.as_tensor(weights, device=device) if weights is not None else None
     accum, alpha, l1 = training["grad_accumulation"], training["alpha"], training["l1_omics"]
     drop_p = float(training.get("modality_dropout", 0.0)) if multimodal else 0.0
