@@ -51,6 +51,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 from sksurv.metrics import concordance_index_censored
+from torch.optim.swa_utils import AveragedModel
 
 from healnet.baselines import build_model, model_spec
 from healnet.collect import parse_folds
@@ -321,7 +322,9 @@ def train_model(
     ``multimodal`` models get ``training.modality_dropout``: each training sample that has both
     modalities loses one of them (50/50) with that probability, so the model also learns to predict
     from one modality (a seeded generator keeps runs reproducible). With ``unfinished``, training
-    resumes from its saved state and saves its own at epoch ends.
+    resumes from its saved state and saves its own at epoch ends. Without ``val_rows``, a positive
+    ``training.average_last_epochs`` leaves the model with the mean of its weights at the ends of the
+    last that many epochs (stochastic weight averaging) instead of the last epoch's weights.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
     sampler = BagBatchSampler(rows, training["batch_size"], shuffle=True, seed=seed, sample=True)
@@ -337,9 +340,13 @@ def train_model(
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     first_epoch, last_saved = 0, time.monotonic()
+    average_from = training["epochs"] - int(training.get("average_last_epochs", 0))
+    averaged = AveragedModel(model) if val_rows is None and average_from < training["epochs"] else None
     saved = unfinished.load() if unfinished is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"])
+        if averaged is not None:
+            averaged.load_state_dict(saved["averaged"])
         opt.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"]["torch"])
         drop_gen.set_state(saved["rng"]["modality_dropout"])
@@ -410,6 +417,8 @@ def train_model(
                 log.info("early stop at epoch %d (best %d, inner val c-index %.4f)", epoch, best[1], best[0])
                 break
         history.append(record)
+        if averaged is not None and epoch >= average_from:
+            averaged.update_parameters(model)
         log.info(
             "epoch %d loss %.4f %.1fs%s",
             epoch,
@@ -427,11 +436,15 @@ def train_model(
                 "epoch": epoch,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": opt.state_dict(),
+                "averaged": None if averaged is None else averaged.state_dict(),
                 "rng": rng,
                 "history": history,
                 "best": kept,
             })
             last_saved = time.monotonic()
+    if averaged is not None:
+        model.load_state_dict(averaged.module.state_dict())
+        history.append({"averaged_epochs": int(averaged.n_averaged)})
     if best is not None:
         model.load_state_dict(best[2])
         history.append({"restored_epoch": best[1], "inner_val_c_index": best[0]})

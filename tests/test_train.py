@@ -187,8 +187,9 @@ def test_tiny_cross_validation_writes_every_output(healnet_run: Path) -> None:
     full = preds[preds["setting"] == "full"]
     assert sorted(full["patient"]) == sorted(f"TCGA-AA-{i:04d}" for i in range(N_PATIENTS))
     log = json.loads((results / "log.json").read_text())
-    assert len(log["folds"]) == 3 and all(len(f["epochs"]) == 3 for f in log["folds"])
-    assert all(np.isfinite(e["train_loss"]) for f in log["folds"] for e in f["epochs"])
+    epochs = [[e for e in f["epochs"] if "epoch" in e] for f in log["folds"]]
+    assert len(epochs) == 3 and all(len(e) == 3 for e in epochs)
+    assert all(np.isfinite(e["train_loss"]) for f in epochs for e in f)
 
 
 def test_checkpoint_reproduces_the_saved_predictions(
@@ -248,6 +249,35 @@ def test_same_seed_same_c_index(cohort: tuple[Path, Path, Path], tmp_path: Path)
         losses.append([e["train_loss"] for e in log["folds"][0]["epochs"]])
     assert values[0] == values[1] and losses[0] == losses[1]
     assert losses[0] != losses[2]  # another seed really changes the run
+
+
+def test_weight_averaging_keeps_the_mean_of_the_last_epochs_weights(
+    cohort: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    # the first epochs of a longer run are those of a shorter one (seeded per epoch), so the weights
+    # averaged over epochs 2-3 of a 3-epoch run are the mean of a 2-epoch and a 3-epoch run's weights
+    omics_dir, features_dir, _ = cohort
+
+    def fold0(name: str, **settings: object) -> tuple[dict[str, torch.Tensor], dict]:
+        config = write_config(tmp_path / f"{name}.yaml", modality_dropout=0.5, **settings)
+        out = tmp_path / name
+        assert healnet_main(train_args(config, omics_dir, features_dir, out, "healnet", "--folds", "0")) == 0
+        state = torch.load(out / "models" / "healnet" / "fold0.pt", weights_only=True)["state_dict"]
+        return state, json.loads((out / "results" / "healnet" / "log.json").read_text())["folds"][0]
+
+    two, _ = fold0("two", epochs=2, average_last_epochs=0)
+    three, _ = fold0("three", epochs=3, average_last_epochs=0)
+    averaged, log = fold0("averaged", epochs=3, average_last_epochs=2)
+    assert any(not torch.equal(two[k], three[k]) for k in two)
+    for k in averaged:
+        torch.testing.assert_close(averaged[k], (two[k] + three[k]) / 2)
+    assert log["epochs"][-1] == {"averaged_epochs": 2}
+    # more epochs asked for than trained: every epoch is averaged
+    _, log = fold0("all", epochs=3, average_last_epochs=50)
+    assert log["epochs"][-1] == {"averaged_epochs": 3}
+    # with early stopping the best epoch is kept and nothing is averaged
+    _, log = fold0("stopped", epochs=3, average_last_epochs=2, early_stopping=True, patience=9)
+    assert "restored_epoch" in log["epochs"][-1] and not any("averaged_epochs" in e for e in log["epochs"])
 
 
 def fold0_outputs(
@@ -638,8 +668,9 @@ def test_a_killed_fold_resumes_where_it_saved_and_gives_the_same_numbers(
 ) -> None:
     omics_dir, features_dir, _ = cohort
     # 4 epochs of 4 steps (fold 0 trains 16 patients, 4 per step); patience 9 so that none stops early
+    # killed while the last 3 epochs' weights are being averaged: the partial average must be kept
     settings = {"epochs": 4, "modality_dropout": 0.5, "early_stopping": early_stopping, "patience": 9,
-                "save_state_minutes": 0, "workers": 0}
+                "save_state_minutes": 0, "workers": 0, "average_last_epochs": 3}
     config = write_config(tmp_path / "c.yaml", **settings)
     steps = {"n": 0, "kill_at": None}
     loss_fn = train.nll_survival_loss
@@ -690,3 +721,4 @@ def test_a_killed_fold_resumes_where_it_saved_and_gives_the_same_numbers(
     other = write_config(tmp_path / "other.yaml", **settings, lr=2e-3)
     changed = run("changed", other)
     assert steps["n"] == 4 * per_epoch and not any(e.get("resumed") for e in changed[2]["epochs"])
+
