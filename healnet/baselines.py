@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from healnet.ensemble import SeedEnsemble
 from healnet.modalities import MODEL_MODALITIES
 from healnet.model import (
     LATENT_KEYS,
@@ -321,7 +322,10 @@ def model_spec(
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate the model a :func:`model_spec` describes (weights freshly initialised)."""
+    """Instantiate the model a :func:`model_spec` describes (weights freshly initialised); a spec with
+    ``members`` > 1 (a trained seed ensemble's checkpoint) gives a :class:`SeedEnsemble` of them."""
+    if spec.get("members", 1) > 1:
+        return SeedEnsemble([build_model({**spec, "members": 1}) for _ in range(spec["members"])])
     kwargs = dict(spec["kwargs"])
     if kwargs.get("omic_groups"):
         kwargs["omic_groups"] = [(str(g), int(n)) for g, n in kwargs["omic_groups"]]

@@ -66,6 +66,7 @@ from healnet.data import (
     load_omics_dir,
     make_loader,
 )
+from healnet.ensemble import SeedEnsemble, member_seed
 from healnet.loss import inverse_frequency_weights, nll_survival_loss, survival_from_logits
 from healnet.metrics import fold_metrics, survival_at, survival_knots
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
@@ -316,15 +317,18 @@ def train_model(
     weights: np.ndarray | None,
     multimodal: bool = False,
     unfinished: UnfinishedState | None = None,
+    keep_final: bool = False,
 ) -> list[dict[str, Any]]:
     """Train in place; with ``val_rows`` keep the epoch with the best inner-validation c-index.
 
     ``multimodal`` models get ``training.modality_dropout``: each training sample that has both
     modalities loses one of them (50/50) with that probability, so the model also learns to predict
     from one modality (a seeded generator keeps runs reproducible). With ``unfinished``, training
-    resumes from its saved state and saves its own at epoch ends. Without ``val_rows``, a positive
-    ``training.average_last_epochs`` leaves the model with the mean of its weights at the ends of the
-    last that many epochs (stochastic weight averaging) instead of the last epoch's weights.
+    resumes from its saved state and saves its own at epoch ends; with ``keep_final`` also when
+    training ends, so that a finished model (an ensemble member) is not trained again after a kill.
+    Without ``val_rows``, a positive ``training.average_last_epochs`` leaves the model with the mean
+    of its weights at the ends of the last that many epochs (stochastic weight averaging) instead of
+    the last epoch's weights.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
     sampler = BagBatchSampler(rows, training["batch_size"], shuffle=True, seed=seed, sample=True)
@@ -353,8 +357,26 @@ def train_model(
         if device.type == "cuda":
             torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
         history, best = saved["history"], saved["best"]
-        first_epoch = int(saved["epoch"]) + 1
+        first_epoch = training["epochs"] if saved.get("finished") else int(saved["epoch"]) + 1
         log.info("resuming at epoch %d from %s", first_epoch, unfinished.path)
+
+    def save_state(epoch: int, finished: bool = False) -> None:
+        assert unfinished is not None
+        rng = {"torch": torch.get_rng_state(), "modality_dropout": drop_gen.get_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        kept = None if best is None else (best[0], best[1], {k: v.cpu() for k, v in best[2].items()})
+        unfinished.save({
+            "epoch": epoch,
+            "finished": finished,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "averaged": None if averaged is None else averaged.state_dict(),
+            "rng": rng,
+            "history": history,
+            "best": kept,
+        })
+
     for epoch in range(first_epoch, training["epochs"]):
         model.train()
         sampler.set_epoch(epoch)
@@ -428,20 +450,10 @@ def train_model(
         )
         due = unfinished is not None and time.monotonic() - last_saved >= unfinished.every_s
         if due and epoch + 1 < training["epochs"]:
-            rng = {"torch": torch.get_rng_state(), "modality_dropout": drop_gen.get_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            kept = None if best is None else (best[0], best[1], {k: v.cpu() for k, v in best[2].items()})
-            unfinished.save({
-                "epoch": epoch,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(),
-                "averaged": None if averaged is None else averaged.state_dict(),
-                "rng": rng,
-                "history": history,
-                "best": kept,
-            })
+            save_state(epoch)
             last_saved = time.monotonic()
+    if keep_final and unfinished is not None and first_epoch < training["epochs"]:
+        save_state(training["epochs"] - 1, finished=True)
     if averaged is not None:
         model.load_state_dict(averaged.module.state_dict())
         history.append({"averaged_epochs": int(averaged.n_averaged)})
@@ -631,9 +643,6 @@ def run_fold(
         healnet_cfg=config["healnet"],
         training_cfg=training,
     )
-    torch.manual_seed(seed)
-    model = build_model(spec).to(device)
-
     val_rows = None
     inner_rows = fit_rows
     if training["early_stopping"]:
@@ -646,24 +655,38 @@ def run_fold(
     if training["bin_weights"]:
         weights = np.ones(len(cohort.patients), np.float32)
         weights[inner_rows] = inverse_frequency_weights(bins[inner_rows], n_bins)
-    unfinished = UnfinishedState(
-        models_dir / f"unfinished-fold{fold}.pt",
-        60.0 * float(training["save_state_minutes"]),
-        training_fingerprint(spec, training, device, seed, dataset, inner_rows, val_rows),
-    )
-    history = train_model(
-        model,
-        dataset,
-        inner_rows,
-        val_rows,
-        training,
-        device,
-        seed,
-        workers,
-        weights,
-        model_name in MULTIMODAL,
-        unfinished,
-    )
+    n_members = int(training.get("ensemble", 1))
+    members, histories, states = [], [], []
+    for member in range(n_members):
+        # member 0 is the plain model of this fold's seed; the others start from seeds of their own
+        m_seed = member_seed(seed, member)
+        suffix = f"-member{member}" if member else ""
+        states.append(UnfinishedState(
+            models_dir / f"unfinished-fold{fold}{suffix}.pt",
+            60.0 * float(training["save_state_minutes"]),
+            training_fingerprint(spec, training, device, m_seed, dataset, inner_rows, val_rows),
+        ))
+        torch.manual_seed(m_seed)
+        members.append(build_model(spec).to(device))
+        histories.append(train_model(
+            members[-1],
+            dataset,
+            inner_rows,
+            val_rows,
+            training,
+            device,
+            m_seed,
+            workers,
+            weights,
+            model_name in MULTIMODAL,
+            states[-1],
+            keep_final=n_members > 1,
+        ))
+    if n_members == 1:
+        model, history = members[0], histories[0]
+    else:
+        model, spec = SeedEnsemble(members), {**spec, "members": n_members}
+        history = [{**record, "member": m} for m, h in enumerate(histories) for record in h]
 
     # training-fold risks: median for imputation and for the report's Kaplan-Meier split
     train_logits = predict(
@@ -752,7 +775,8 @@ def run_fold(
     checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_output(models_dir / f"fold{fold}.pt") as tmp:
         torch.save(checkpoint, tmp)
-    unfinished.path.unlink(missing_ok=True)
+    for state in states:
+        state.path.unlink(missing_ok=True)
     return result
 
 

@@ -222,3 +222,40 @@ def test_omic_attribution_is_the_risk_gradient_times_the_input(tokens: str) -> N
     expected = [slope * value for slope, value in zip(slopes, x, strict=True)]
     assert got.shape == x.shape
     assert got == pytest.approx(expected, rel=0.02, abs=2e-5)
+
+
+def test_survival_to_logits_and_back_is_exact() -> None:
+    from healnet.ensemble import logits_from_survival
+    from healnet.loss import survival_from_logits
+
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    survival = survival_from_logits(logits)
+    torch.testing.assert_close(logits_from_survival(survival), logits)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_MODALITIES))
+def test_a_seed_ensemble_scores_the_mean_survival_curve_of_its_members(name: str) -> None:
+    from healnet.ensemble import SeedEnsemble
+    from healnet.loss import risk_from_logits, survival_from_logits
+
+    spec = model_spec(name, n_bins=4, wsi_dim=D, n_omics=F_RNA + F_CNV, omic_groups=GROUPS,
+                      healnet_cfg={"n_latents": 8, "latent_dim": 16}, training_cfg={})
+    torch.manual_seed(0)
+    ensemble = build_model({**spec, "members": 3}).eval()
+    assert isinstance(ensemble, SeedEnsemble) and len(ensemble.members) == 3
+    b = make_batch()
+    with torch.no_grad():
+        outputs = [run(m, b, return_attention=True) for m in ensemble.members]
+        logits, attention = run(ensemble, b, return_attention=True)
+    members = [logits for logits, _ in outputs]
+    assert len({round(float(risk_from_logits(m).sum()), 6) for m in members}) == 3  # members differ
+    mean_curve = torch.stack([survival_from_logits(m) for m in members]).mean(0)
+    torch.testing.assert_close(survival_from_logits(logits), mean_curve, atol=1e-5, rtol=1e-5)
+    # its risk (-sum of survival) is the members' mean risk
+    mean_risk = torch.stack([risk_from_logits(m) for m in members]).mean(0)
+    torch.testing.assert_close(risk_from_logits(logits), mean_risk, atol=1e-5, rtol=1e-5)
+    # attention maps, for the report: the members' mean, layer by layer
+    assert set(attention) == set(outputs[0][1])
+    for modality, layers in attention.items():
+        for i, layer in enumerate(layers):
+            torch.testing.assert_close(layer, torch.stack([att[modality][i] for _, att in outputs]).mean(0))

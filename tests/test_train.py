@@ -722,3 +722,53 @@ def test_a_killed_fold_resumes_where_it_saved_and_gives_the_same_numbers(
     changed = run("changed", other)
     assert steps["n"] == 4 * per_epoch and not any(e.get("resumed") for e in changed[2]["epochs"])
 
+
+def test_a_seed_ensemble_fold_keeps_every_member_and_a_kill_loses_only_the_unfinished_one(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    omics_dir, features_dir, _ = cohort
+    settings = {"epochs": 3, "modality_dropout": 0.5, "save_state_minutes": 0, "workers": 0}
+    steps = {"n": 0, "kill_at": None}
+    loss_fn = train.nll_survival_loss
+
+    def counted_loss(*args: object, **kwargs: object) -> torch.Tensor:
+        steps["n"] += 1
+        if steps["n"] == steps["kill_at"]:
+            raise Killed
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train, "nll_survival_loss", counted_loss)
+
+    def run(name: str, members: int) -> tuple[tuple[pd.DataFrame, pd.DataFrame, list], Path]:
+        config = write_config(tmp_path / f"{members}.yaml", **settings, ensemble=members)
+        output, _ = fold0_outputs(config, omics_dir, features_dir, tmp_path / name)
+        return output, tmp_path / name / "models" / "healnet" / "fold0.pt"
+
+    (_, plain_preds, _), plain_path = run("plain", 1)
+    per_member = steps["n"]
+    steps["n"] = 0
+    whole, whole_path = run("whole", 2)
+    assert steps["n"] == 2 * per_member
+    model, ckpt = train.load_checkpoint(whole_path)
+    assert ckpt["model_spec"]["members"] == 2 and len(model.members) == 2
+    # member 0 is the plain model of the fold's seed; member 1 was trained from another seed
+    plain = torch.load(plain_path, weights_only=True)["state_dict"]
+    state = ckpt["state_dict"]
+    assert all(torch.equal(state[f"members.0.{k}"], v) for k, v in plain.items())
+    assert any(not torch.equal(state[f"members.1.{k}"], v) for k, v in plain.items())
+    full = whole[1].query("setting == 'full'")["risk"].to_numpy()
+    assert not np.allclose(full, plain_preds.query("setting == 'full'")["risk"].to_numpy())
+    log = json.loads((tmp_path / "whole" / "results" / "healnet" / "log.json").read_text())
+    assert [e["member"] for e in log["folds"][0]["epochs"] if "epoch" in e] == [0, 0, 0, 1, 1, 1]
+
+    # killed while member 1 trains: the rerun trains only what member 1 had left, same numbers
+    steps.update(n=0, kill_at=per_member + per_member // 3 + 1)  # in member 1's second epoch
+    with pytest.raises(Killed):
+        run("killed", 2)
+    models = tmp_path / "killed" / "models" / "healnet"
+    assert sorted(p.name for p in models.iterdir()) == ["unfinished-fold0-member1.pt", "unfinished-fold0.pt"]
+    steps.update(n=0, kill_at=None)
+    resumed, _ = run("killed", 2)
+    assert steps["n"] == per_member - per_member // 3
+    assert sorted(p.name for p in models.iterdir()) == ["fold0.pt"]
+    assert_same_outputs([whole, resumed])
