@@ -19,14 +19,12 @@ from torch import Tensor, nn
 
 from healnet.loss import survival_from_logits
 
-# Member i of a fold trains with the fold's seed + i * MEMBER_SEED_STEP (member 0 with the fold's
-# seed, so a one-member run is the plain model's run).
-MEMBER_SEED_STEP = 1_000_003
 
-
-def member_seed(fold_seed: int, member: int) -> int:
-    """The training seed of ensemble member ``member`` of a fold seeded ``fold_seed``."""
-    return fold_seed + member * MEMBER_SEED_STEP
+def fold_seed(training_seed: int, fold: int, member: int = 0) -> int:
+    """The seed that trains member ``member`` of fold ``fold``: the seed a single run with
+    ``training.seed + member`` gives that fold, so every member can be checked as a single run
+    (with early stopping off; on, the members share member 0's inner validation split)."""
+    return (training_seed + member) * 1000 + fold
 
 
 def logits_from_survival(survival: Tensor, eps: float = 1e-6) -> Tensor:

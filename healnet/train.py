@@ -66,7 +66,7 @@ from healnet.data import (
     load_omics_dir,
     make_loader,
 )
-from healnet.ensemble import SeedEnsemble, member_seed
+from healnet.ensemble import SeedEnsemble, fold_seed
 from healnet.loss import inverse_frequency_weights, nll_survival_loss, survival_from_logits
 from healnet.metrics import fold_metrics, survival_at, survival_knots
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
@@ -587,7 +587,7 @@ def run_fold(
 
     training, manifest = config["training"], cohort.tables.manifest
     mods = MODEL_MODALITIES[model_name]
-    seed = int(training["seed"]) * 1000 + fold
+    seed = fold_seed(int(training["seed"]), fold)
     set_determinism(seed, None)
     train_p, test_p = fold_patients(cohort.tables, fold, set(cohort.patients))
     if not train_p or not test_p:
@@ -658,8 +658,8 @@ def run_fold(
     n_members = int(training.get("ensemble", 1))
     members, histories, states = [], [], []
     for member in range(n_members):
-        # member 0 is the plain model of this fold's seed; the others start from seeds of their own
-        m_seed = member_seed(seed, member)
+        # member i is the model a single run with training.seed + i trains (member 0: this run's)
+        m_seed = fold_seed(int(training["seed"]), fold, member)
         suffix = f"-member{member}" if member else ""
         states.append(UnfinishedState(
             models_dir / f"unfinished-fold{fold}{suffix}.pt",

@@ -111,6 +111,7 @@ def write_config(path: Path, **training: object) -> Path:
             "max_patches_train": 16,
             "lr": 1e-3,
             "workers": 1,
+            "ensemble": 1,  # one model per fold keeps these tests fast; the ensemble has its own test
             **training,
         },
         "healnet": {
@@ -739,25 +740,28 @@ def test_a_seed_ensemble_fold_keeps_every_member_and_a_kill_loses_only_the_unfin
 
     monkeypatch.setattr(train, "nll_survival_loss", counted_loss)
 
-    def run(name: str, members: int) -> tuple[tuple[pd.DataFrame, pd.DataFrame, list], Path]:
-        config = write_config(tmp_path / f"{members}.yaml", **settings, ensemble=members)
+    def run(name: str, members: int, seed: int = 0) -> tuple[tuple[pd.DataFrame, pd.DataFrame, list], Path]:
+        config = write_config(tmp_path / f"{members}-{seed}.yaml", **settings, ensemble=members, seed=seed)
         output, _ = fold0_outputs(config, omics_dir, features_dir, tmp_path / name)
         return output, tmp_path / name / "models" / "healnet" / "fold0.pt"
 
-    (_, plain_preds, _), plain_path = run("plain", 1)
-    per_member = steps["n"]
+    singles = [run(f"seed{seed}", 1, seed) for seed in (0, 1)]
+    per_member = steps["n"] // 2
     steps["n"] = 0
     whole, whole_path = run("whole", 2)
     assert steps["n"] == 2 * per_member
     model, ckpt = train.load_checkpoint(whole_path)
     assert ckpt["model_spec"]["members"] == 2 and len(model.members) == 2
-    # member 0 is the plain model of the fold's seed; member 1 was trained from another seed
-    plain = torch.load(plain_path, weights_only=True)["state_dict"]
+    # member i is the model that a single run with training.seed + i trains; the ensemble's risk is
+    # the members' mean risk
     state = ckpt["state_dict"]
-    assert all(torch.equal(state[f"members.0.{k}"], v) for k, v in plain.items())
-    assert any(not torch.equal(state[f"members.1.{k}"], v) for k, v in plain.items())
+    for member, (_, path) in enumerate(singles):
+        single = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.equal(state[f"members.{member}.{k}"], v) for k, v in single.items())
+    risks = [out[1].query("setting == 'full'")["risk"].to_numpy() for out, _ in singles]
+    assert not np.allclose(risks[0], risks[1])
     full = whole[1].query("setting == 'full'")["risk"].to_numpy()
-    assert not np.allclose(full, plain_preds.query("setting == 'full'")["risk"].to_numpy())
+    np.testing.assert_allclose(full, np.mean(risks, axis=0), atol=1e-5)
     log = json.loads((tmp_path / "whole" / "results" / "healnet" / "log.json").read_text())
     assert [e["member"] for e in log["folds"][0]["epochs"] if "epoch" in e] == [0, 0, 0, 1, 1, 1]
 
