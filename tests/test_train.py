@@ -663,6 +663,22 @@ class Killed(Exception):
     """Stands in for a job killed mid-epoch (a cluster time limit, a pre-empted GPU)."""
 
 
+def count_training_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int | None]:
+    """Count the training steps (loss evaluations) from now on in ``["n"]``; the step numbered
+    ``["kill_at"]`` raises :class:`Killed`, as a job killed in the middle of an epoch."""
+    steps: dict[str, int | None] = {"n": 0, "kill_at": None}
+    loss_fn = train.nll_survival_loss
+
+    def counted_loss(*args: object, **kwargs: object) -> torch.Tensor:
+        steps["n"] += 1
+        if steps["n"] == steps["kill_at"]:
+            raise Killed
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train, "nll_survival_loss", counted_loss)
+    return steps
+
+
 @pytest.mark.parametrize("early_stopping", [False, True])
 def test_a_killed_fold_resumes_where_it_saved_and_gives_the_same_numbers(
     cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early_stopping: bool
@@ -673,16 +689,7 @@ def test_a_killed_fold_resumes_where_it_saved_and_gives_the_same_numbers(
     settings = {"epochs": 4, "modality_dropout": 0.5, "early_stopping": early_stopping, "patience": 9,
                 "save_state_minutes": 0, "workers": 0, "average_last_epochs": 3}
     config = write_config(tmp_path / "c.yaml", **settings)
-    steps = {"n": 0, "kill_at": None}
-    loss_fn = train.nll_survival_loss
-
-    def counted_loss(*args: object, **kwargs: object) -> torch.Tensor:
-        steps["n"] += 1
-        if steps["n"] == steps["kill_at"]:
-            raise Killed
-        return loss_fn(*args, **kwargs)
-
-    monkeypatch.setattr(train, "nll_survival_loss", counted_loss)
+    steps = count_training_steps(monkeypatch)
 
     def run(name: str, config: Path = config) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
         out = tmp_path / name
@@ -729,16 +736,7 @@ def test_a_seed_ensemble_fold_keeps_every_member_and_a_kill_loses_only_the_unfin
 ) -> None:
     omics_dir, features_dir, _ = cohort
     settings = {"epochs": 3, "modality_dropout": 0.5, "save_state_minutes": 0, "workers": 0}
-    steps = {"n": 0, "kill_at": None}
-    loss_fn = train.nll_survival_loss
-
-    def counted_loss(*args: object, **kwargs: object) -> torch.Tensor:
-        steps["n"] += 1
-        if steps["n"] == steps["kill_at"]:
-            raise Killed
-        return loss_fn(*args, **kwargs)
-
-    monkeypatch.setattr(train, "nll_survival_loss", counted_loss)
+    steps = count_training_steps(monkeypatch)
 
     def run(name: str, members: int, seed: int = 0) -> tuple[tuple[pd.DataFrame, pd.DataFrame, list], Path]:
         config = write_config(tmp_path / f"{members}-{seed}.yaml", **settings, ensemble=members, seed=seed)
