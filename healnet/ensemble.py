@@ -2,7 +2,7 @@
 
 At tens of deaths per training fold, the training seed alone (initial weights, patch draws, dropout,
 modality dropout) moves a model's c-index by several hundredths. Averaging members trained from
-different seeds removes most of that spread. The members' survival curves are averaged, not their
+different seeds narrows that spread. The members' survival curves are averaged, not their
 logits or risks: the ensemble's curve is then a proper survival function, its risk (``-sum S``) is
 the members' mean risk, and its Brier score is that of the mean curve.
 
