@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -454,6 +455,7 @@ class ResidentBags:
     """
 
     def __init__(self, dataset: BagDataset, rows: Sequence[int], device: torch.device, workers: int) -> None:
+        started = time.perf_counter()
         self.dataset, self.device = dataset, device
         self.features: dict[int, torch.Tensor] = {}
         self.coords: dict[int, torch.Tensor] = {}
@@ -463,6 +465,7 @@ class ResidentBags:
             row, n = int(batch["row"][0]), int(batch["wsi_mask"][0].sum())
             self.features[row] = batch["wsi"][0, :n].to(device)
             self.coords[row] = batch["coords"][0, :n].to(device)
+        self.load_seconds = time.perf_counter() - started
 
     @staticmethod
     def nbytes(dataset: BagDataset, rows: Sequence[int]) -> int:

@@ -39,7 +39,8 @@ def logits_from_survival(survival: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 class SeedEnsemble(nn.Module):
-    """Members of one architecture; the forward pass has the members' call signature.
+    """Members of one architecture; the forward pass has the members' call signature. It is only
+    scored: each member is trained on its own (with its own ``l1_penalty``) before they are joined.
 
     Attention maps (``return_attention``) are averaged over the members, layer by layer.
     """
@@ -78,7 +79,3 @@ class SeedEnsemble(nn.Module):
             per_layer = zip(*(o[1][modality] for o in outputs), strict=True)
             attention[modality] = [torch.stack(maps).mean(dim=0) for maps in per_layer]
         return mean_logits, attention
-
-    def l1_penalty(self) -> Tensor:
-        """Sum of the members' penalties (members are trained one by one, each with its own)."""
-        return torch.stack([m.l1_penalty() for m in self.members]).sum()

@@ -318,12 +318,15 @@ def train_model(
     multimodal: bool = False,
     unfinished: UnfinishedState | None = None,
     keep_final: bool = False,
+    resident: ResidentBags | None = None,
 ) -> list[dict[str, Any]]:
     """Train in place; with ``val_rows`` keep the epoch with the best inner-validation c-index.
 
     ``multimodal`` models get ``training.modality_dropout``: each training sample that has both
     modalities loses one of them (50/50) with that probability, so the model also learns to predict
-    from one modality (a seeded generator keeps runs reproducible). With ``unfinished``, training
+    from one modality (a seeded generator keeps runs reproducible). Batches are cut from ``resident``
+    (the bags of ``rows`` already on ``device``: :func:`resident_bags`) when given, else read by the
+    loader's readers at every epoch. With ``unfinished``, training
     resumes from its saved state and saves its own at epoch ends; with ``keep_final`` also when
     training ends, so that a finished model (an ensemble member) is not trained again after a kill.
     Without ``val_rows``, a positive ``training.average_last_epochs`` leaves the model with the mean
@@ -332,9 +335,6 @@ def train_model(
     """
     opt = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
     sampler = BagBatchSampler(rows, training["batch_size"], shuffle=True, seed=seed, sample=True)
-    started = time.perf_counter()
-    resident = resident_bags(dataset, rows, device, workers, training.get("bags_on_device", False))
-    load_seconds = time.perf_counter() - started
     pinned = device.type == "cuda"
     loader = None if resident is not None else make_loader(dataset, sampler, workers, pin_memory=pinned)
     weight_t = torch.as_tensor(weights, device=device) if weights is not None else None
@@ -423,8 +423,6 @@ def train_model(
         }
         if epoch == first_epoch > 0:
             record["resumed"] = True
-        if epoch == first_epoch and resident is not None:
-            record["bags_on_device_seconds"] = round(load_seconds, 3)
         if val_rows is not None and len(val_rows):
             logits = predict(
                 model, dataset, val_rows, device, {"full": _all_flags(dataset, val_rows)}, workers
@@ -655,6 +653,8 @@ def run_fold(
     if training["bin_weights"]:
         weights = np.ones(len(cohort.patients), np.float32)
         weights[inner_rows] = inverse_frequency_weights(bins[inner_rows], n_bins)
+    # read once for every member: the bags do not depend on the seed
+    resident = resident_bags(dataset, inner_rows, device, workers, training.get("bags_on_device", False))
     n_members = int(training.get("ensemble", 1))
     members, histories, states = [], [], []
     for member in range(n_members):
@@ -681,7 +681,10 @@ def run_fold(
             model_name in MULTIMODAL,
             states[-1],
             keep_final=n_members > 1,
+            resident=resident,
         ))
+    bags_seconds = None if resident is None else resident.load_seconds
+    del resident  # scoring reads every patch of the held-out bags: free the device memory first
     if n_members == 1:
         model, history = members[0], histories[0]
     else:
@@ -709,6 +712,7 @@ def run_fold(
             "n_train": int(len(inner_rows)),
             "n_inner_val": int(len(val_rows)) if val_rows is not None else 0,
             "n_test": int(len(test_rows)),
+            **({} if bags_seconds is None else {"bags_on_device_seconds": round(bags_seconds, 3)}),
             "epochs": history,
         }
     )

@@ -404,7 +404,7 @@ def test_bags_kept_on_the_device_change_no_number_and_are_read_when_they_do_not_
         output, log = fold0_outputs(config, omics_dir, features_dir, tmp_path / name,
                                     "--bags-on-device", setting)
         outputs.append(output)
-        assert ("bags_on_device_seconds" in log["folds"][0]["epochs"][0]) == name.startswith("kept")
+        assert ("bags_on_device_seconds" in log["folds"][0]) == name.startswith("kept")
         assert ("read from the stores at every epoch instead" in caplog.text) == (name == "too-large")
     assert_same_outputs(outputs)
 
@@ -774,3 +774,19 @@ def test_a_seed_ensemble_fold_keeps_every_member_and_a_kill_loses_only_the_unfin
     assert steps["n"] == per_member - per_member // 3
     assert sorted(p.name for p in models.iterdir()) == ["fold0.pt"]
     assert_same_outputs([whole, resumed])
+
+
+def test_an_ensemble_keeps_its_bags_on_the_device_once_for_all_members(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    omics_dir, features_dir, _ = cohort
+    reads = count_store_reads(monkeypatch)
+    counts = []
+    for members in (1, 2):
+        config = write_config(tmp_path / f"{members}.yaml", workers=0, epochs=2, ensemble=members)
+        reads.clear()
+        out = tmp_path / str(members)
+        _, log = fold0_outputs(config, omics_dir, features_dir, out, "--bags-on-device", "yes")
+        assert "bags_on_device_seconds" in log["folds"][0]
+        counts.append(len(reads))
+    assert counts[0] == counts[1]  # a second member reads no store again
