@@ -51,7 +51,8 @@ def read_folds(results_dir: Path, models: list[str] | None) -> pd.DataFrame:
 
 
 def summarise(folds: pd.DataFrame) -> pd.DataFrame:
-    """One row per model x setting: ``{metric}_mean``, ``{metric}_std``, ``c_index_folds``, ``n_folds``."""
+    """One row per model x setting: ``{metric}_mean``, ``{metric}_std``, ``{metric}_n`` (folds where the
+    metric is defined), ``c_index_folds``, ``n_folds``."""
     rows = []
     for (model, setting), group in folds.groupby(["model", "setting"], sort=False):
         row: dict[str, object] = {"model": model, "setting": setting}
@@ -60,6 +61,7 @@ def summarise(folds: pd.DataFrame) -> pd.DataFrame:
             finite = values[np.isfinite(values)]
             row[f"{metric}_mean"] = float(finite.mean()) if len(finite) else float("nan")
             row[f"{metric}_std"] = float(finite.std(ddof=0)) if len(finite) else float("nan")
+            row[f"{metric}_n"] = len(finite)
             if metric == "c_index":
                 row["c_index_folds"] = ";".join(f"{v:.4f}" for v in values)
         row["n_folds"] = int(group["fold"].nunique())
@@ -74,20 +76,19 @@ def summarise(folds: pd.DataFrame) -> pd.DataFrame:
         "c_index_mean",
         "c_index_std",
         "c_index_folds",
-        "ipcw_c_index_mean",
-        "ipcw_c_index_std",
-        "ibs_mean",
-        "ibs_std",
-        "td_auc_mean",
-        "td_auc_std",
+        *(f"{m}_{part}" for m in ("ipcw_c_index", "ibs", "td_auc") for part in ("mean", "std")),
+        *(f"{m}_n" for m in METRICS),
         "n_folds",
     ]
     return table[columns].reset_index(drop=True)
 
 
 PAIRED_COLUMNS = (
-    "model", "baseline", "best_baseline", "mean_difference", "std_difference", "wins", "n_folds"
+    "model", "baseline", "best_baseline", "mean_difference", "std_difference", "wins", "ties", "n_folds"
 )
+
+
+TIE = 1e-12  # per-fold c-index differences this small are ties (the same pairs ranked alike)
 
 
 def paired_differences(folds: pd.DataFrame) -> pd.DataFrame:
@@ -95,7 +96,8 @@ def paired_differences(folds: pd.DataFrame) -> pd.DataFrame:
 
     Both models of a pair are scored on the same held-out patients in a fold, so the per-fold
     difference cancels how hard that fold happens to be; its mean, spread and the count of folds
-    won say more about a gap than two separate means ± std. ``best_baseline`` marks the unimodal
+    won (and tied: on a few held-out patients two models often rank every pair alike) say more about
+    a gap than two separate means ± std. ``best_baseline`` marks the unimodal
     model with the highest mean c-index (the comparison a fusion model has to win). Folds where
     either c-index is undefined are left out. Models the harness does not know are skipped.
     """
@@ -118,7 +120,8 @@ def paired_differences(folds: pd.DataFrame) -> pd.DataFrame:
                     "best_baseline": baseline == best,
                     "mean_difference": float(diff.mean()) if len(diff) else float("nan"),
                     "std_difference": float(diff.std(ddof=0)) if len(diff) else float("nan"),
-                    "wins": int((diff > 0).sum()),
+                    "wins": int((diff > TIE).sum()),
+                    "ties": int((diff.abs() <= TIE).sum()),
                     "n_folds": len(diff),
                 }
             )
@@ -140,7 +143,8 @@ def paired_cells(row: pd.Series) -> list[str]:
         diff = f"{row['mean_difference']:+.3f} ± {row['std_difference']:.3f}"
     else:
         diff = "n/a"
-    return [str(row["model"]), against, diff, f"{row['wins']} of {row['n_folds']}"]
+    won = f"{row['wins']} of {row['n_folds']}" + (f" ({row['ties']} tied)" if row["ties"] else "")
+    return [str(row["model"]), against, diff, won]
 
 
 SUMMARY_HEADER = ("model", "setting", "c-index", "IPCW c-index", "integrated Brier", "td AUC", "folds")
@@ -151,10 +155,16 @@ SUMMARY_NOTE = (
 METRIC_PREFIXES = ("c_index", "ipcw_c_index", "ibs", "td_auc")
 
 
+def fewer_folds(defined: int, folds: int) -> str:
+    """" (k of n folds)" when a metric is undefined in some folds, so a mean over fewer is visible."""
+    return f" ({defined} of {folds} folds)" if defined < folds else ""
+
+
 def summary_cells(row: pd.Series) -> list[str]:
     """One summary row as the table's texts: model, setting, mean ± std per metric, folds."""
     metrics = [
-        "n/a" if not np.isfinite(row[f"{m}_mean"]) else f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}"
+        "n/a" if not np.isfinite(row[f"{m}_mean"])
+        else f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" + fewer_folds(row[f"{m}_n"], row["n_folds"])
         for m in METRIC_PREFIXES
     ]
     return [str(row["model"]), str(row["setting"]), *metrics, str(row["n_folds"])]

@@ -135,19 +135,22 @@ def draw_slide_attention(ax: plt.Axes, slide_path: Path, meta: dict[str, Any], c
     return shown
 
 
-def draw_attention_figures(models_dir: Path, predictions: pd.DataFrame, omics_dir: Path, features_dir: Path,
+def draw_attention_figures(models_dir: Path | None, predictions: pd.DataFrame, omics_dir: Path,
+                           features_dir: Path,
                            tiles_dir: Path, slides_dir: Path | None, wsi_path: Path, omics_path: Path,
                            n_slides: int = 3, top_features: int = 15) -> None:
     """Write the WSI attention panel and the omic attention bar chart for a cohort's HEALNet.
 
-    ``models_dir`` holds HEALNet's ``fold{k}.pt``; ``predictions`` its held-out risks (all settings),
-    used to pick the highest- and lowest-risk patients to draw.
+    ``models_dir`` holds HEALNet's ``fold{k}.pt`` (None: HEALNet is not among the models reported);
+    ``predictions`` its held-out risks (all settings), used to pick the highest- and lowest-risk
+    patients to draw.
     """
     from healnet.train import load_checkpoint
 
-    checkpoints = sorted(models_dir.glob("fold*.pt"))
+    checkpoints = sorted(models_dir.glob("fold*.pt")) if models_dir is not None else []
     if not checkpoints:
-        why = f"no HEALNet checkpoints in {models_dir} (is healnet in `models`?)"
+        why = (f"no HEALNet checkpoints in {models_dir}" if models_dir is not None
+               else "HEALNet is not among the reported models") + " (is healnet in `models`?)"
         message_figure(wsi_path, "HEALNet attention on slides", why)
         message_figure(omics_path, "HEALNet omic attention", why)
         return
@@ -185,8 +188,24 @@ def draw_attention_figures(models_dir: Path, predictions: pd.DataFrame, omics_di
                                    "weights": att["wsi"][start:start + len(coords)], "fold": ckpt["fold"],
                                    "group": wanted[patient]})
                     start += len(coords)
-    _draw_wsi_panels(panels[:n_slides], tiles_dir, slides_dir, wsi_path)
+    _draw_wsi_panels(one_panel_per_patient(panels, wanted, n_slides), tiles_dir, slides_dir, wsi_path)
     _draw_omic_bars(omic_rows, gene_rows, top_features, omics_path)
+
+
+def one_panel_per_patient(panels: list[dict[str, Any]], wanted: dict[str, str],
+                          n: int) -> list[dict[str, Any]]:
+    """The panels to draw: each chosen patient's slide with the most patches, in the order the
+    patients were chosen (highest risk, lowest risk, ...), at most ``n``.
+
+    Panels arrive in fold order with one per slide, so cutting that list would let a patient with
+    several slides, or the patients of the first folds, take every place.
+    """
+    best: dict[str, dict[str, Any]] = {}
+    for panel in panels:
+        kept = best.get(panel["patient"])
+        if kept is None or len(panel["coords"]) > len(kept["coords"]):
+            best[panel["patient"]] = panel
+    return [best[p] for p in wanted if p in best][:n]
 
 
 def _patients_to_draw(manifest: pd.DataFrame, preds: pd.DataFrame, n: int) -> dict[str, str]:

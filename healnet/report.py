@@ -59,6 +59,14 @@ def load_predictions(results_dir: Path, models: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def load_fold_table(results_dir: Path, model: str) -> pd.DataFrame:
+    """One model's per-fold metrics (``folds.csv``)."""
+    path = results_dir / model / "folds.csv"
+    if not path.exists():
+        raise InputError(path, "missing: train this model first")
+    return pd.read_csv(path)
+
+
 def plot_km_curves(predictions: pd.DataFrame, path: Path, setting: str = "full") -> pd.DataFrame:
     """Kaplan-Meier curves of predicted high vs low risk per model; returns the log-rank table."""
     from lifelines import KaplanMeierFitter
@@ -169,7 +177,7 @@ def cli(argv: list[str] | None = None) -> int:
         raise InputError(args.results_dir, "no trained model results (*/predictions.parquet)")
     args.out.mkdir(parents=True, exist_ok=True)
     predictions = load_predictions(args.results_dir, models)
-    folds = pd.concat([pd.read_csv(args.results_dir / m / "folds.csv") for m in models], ignore_index=True)
+    folds = pd.concat([load_fold_table(args.results_dir, m) for m in models], ignore_index=True)
     logrank = plot_km_curves(predictions, args.out / "km_curves.png")
     write_csv(logrank, args.results_dir / "logrank.csv")
     plot_c_index(folds, args.out / "c_index.png")
@@ -177,9 +185,11 @@ def cli(argv: list[str] | None = None) -> int:
 
     from healnet import explain
 
+    # Only a configured HEALNet is drawn: a checkpoint folder left over from an earlier run is not read.
     healnet_preds = predictions[predictions["model"] == "healnet"]
+    healnet_dir = args.models_dir / "healnet" if "healnet" in models else None
     explain.draw_attention_figures(
-        models_dir=args.models_dir / "healnet", predictions=healnet_preds, omics_dir=args.omics_dir,
+        models_dir=healnet_dir, predictions=healnet_preds, omics_dir=args.omics_dir,
         features_dir=args.features_dir,
         tiles_dir=args.tiles_dir, slides_dir=Path(args.slides_dir) if args.slides_dir else None,
         wsi_path=args.out / "attention_wsi.png", omics_path=args.out / "attention_omics.png",

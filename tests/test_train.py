@@ -580,7 +580,8 @@ def test_evaluate_summarises_every_model(healnet_run: Path, cohort: tuple[Path, 
     )
     diff = healnet_c.set_index("fold")["value"] - folds.query("setting == 'full'").set_index("fold")["value"]
     spread = f"{diff.mean():+.3f} ± {diff.std(ddof=0):.3f}"
-    assert f"| healnet | snn (best unimodal) | {spread} | {(diff > 0).sum()} of 3 |" in md
+    tied = f" ({(diff == 0).sum()} tied)" if (diff == 0).any() else ""
+    assert f"| healnet | snn (best unimodal) | {spread} | {(diff > 0).sum()} of 3{tied} |" in md
     # The same tables as a self-contained HTML page (the Snakemake report shows it in the page).
     page = out.with_suffix(".html").read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
@@ -607,11 +608,50 @@ def test_evaluate_summarises_every_model(healnet_run: Path, cohort: tuple[Path, 
     assert pd.read_csv(out).equals(summary)  # the old summary is left untouched
 
 
+def test_the_report_draws_only_the_models_it_is_given(
+    healnet_run: Path, cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model dropped from `models:` leaves its results folder behind; the report (which the
+    workflow gives the configured models) must not plot it, nor read a left-over HEALNet."""
+    from healnet import report
+
+    omics_dir, features_dir, config = cohort
+    results = healnet_run / "results"
+    if not (results / "snn" / "predictions.parquet").exists():
+        assert healnet_main(train_args(config, omics_dir, features_dir, healnet_run, "snn")) == 0
+    attention_from: list[Path | None] = []
+    monkeypatch.setattr(explain, "draw_attention_figures",
+                        lambda models_dir, **kwargs: attention_from.append(models_dir))
+    args = ["--cohort", "TINY", "--results-dir", str(results), "--omics-dir", str(omics_dir),
+            "--models-dir", str(healnet_run / "models"), "--features-dir", str(features_dir),
+            "--tiles-dir", str(tmp_path / "tiles"), "-o", str(tmp_path / "figures")]
+    assert report.cli([*args, "--models", "snn"]) == 0
+    assert set(pd.read_csv(results / "logrank.csv")["model"]) == {"snn"}
+    assert attention_from == [None]
+    assert report.cli(args) == 0  # no --models: every model with results
+    assert set(pd.read_csv(results / "logrank.csv")["model"]) == {"healnet", "snn"}
+    assert attention_from[-1] == healnet_run / "models" / "healnet"
+
+
+def test_the_attention_figure_draws_one_slide_per_chosen_patient_in_risk_order() -> None:
+    """Panels arrive per slide in fold order; a patient with two slides in the first fold must not
+    push the lowest-risk patient out of the figure."""
+    def panel(patient: str, slide: str, n_patches: int) -> dict:
+        return {"patient": patient, "slide": slide, "coords": np.zeros((n_patches, 2))}
+
+    panels = [panel("A", "A1", 5), panel("A", "A2", 9), panel("B", "B1", 4), panel("C", "C1", 3),
+              panel("D", "D1", 7)]
+    wanted = {"A": "highest predicted risk", "D": "lowest predicted risk", "C": "highest predicted risk"}
+    drawn = explain.one_panel_per_patient(panels, wanted, 3)
+    assert [p["slide"] for p in drawn] == ["A2", "D1", "C1"]
+    assert [p["slide"] for p in explain.one_panel_per_patient(panels, wanted, 2)] == ["A2", "D1"]
+
+
 def test_paired_differences_compare_fusion_with_each_unimodal_model_fold_by_fold() -> None:
     values = {  # c-index per fold; fold 2 of abmil undefined (no comparable pair)
         "healnet": [0.70, 0.60, 0.80],
         "abmil": [0.65, 0.70, float("nan")],
-        "snn": [0.50, 0.55, 0.60],
+        "snn": [0.50, 0.60, 0.60],  # fold 1: the same c-index as healnet, a tie
         "my_model": [0.9, 0.9, 0.9],  # not a harness model: skipped
     }
     rows = [
@@ -625,9 +665,23 @@ def test_paired_differences_compare_fusion_with_each_unimodal_model_fold_by_fold
     assert paired.loc["abmil", "best_baseline"] and not paired.loc["snn", "best_baseline"]  # 0.675 > 0.55
     assert paired.loc["abmil", "n_folds"] == 2 and paired.loc["abmil", "wins"] == 1
     assert paired.loc["abmil", "mean_difference"] == pytest.approx(((0.70 - 0.65) + (0.60 - 0.70)) / 2)
-    assert paired.loc["snn", "mean_difference"] == pytest.approx(0.15) and paired.loc["snn", "wins"] == 3
-    assert paired.loc["snn", "std_difference"] == pytest.approx(np.std([0.20, 0.05, 0.20]))
+    assert paired.loc["snn", "mean_difference"] == pytest.approx(0.4 / 3)
+    assert paired.loc["snn", "std_difference"] == pytest.approx(np.std([0.20, 0.0, 0.20]))
+    assert (paired.loc["snn", "wins"], paired.loc["snn", "ties"], paired.loc["abmil", "ties"]) == (2, 1, 0)
+    cells = {row["baseline"]: evaluate.paired_cells(row)[-1] for _, row in paired.reset_index().iterrows()}
+    assert cells == {"snn": "2 of 3 (1 tied)", "abmil": "1 of 2"}
     assert evaluate.paired_differences(pd.DataFrame(rows).query("model == 'snn'")).empty
+
+
+def test_a_mean_over_fewer_folds_says_so() -> None:
+    """A fold without a comparable pair has no c-index; the table must not present the mean of the
+    other folds as if it covered them all."""
+    rows = [{"model": "snn", "fold": f, "setting": "full", "metric": m, "value": v}
+            for f, v in enumerate([0.6, float("nan"), 0.8]) for m in ("c_index", "ibs")]
+    row = evaluate.summarise(pd.DataFrame(rows)).iloc[0]
+    assert (row["c_index_n"], row["n_folds"]) == (2, 3) and row["c_index_mean"] == pytest.approx(0.7)
+    cells = evaluate.summary_cells(row)
+    assert cells[2] == "0.700 ± 0.100 (2 of 3 folds)" and cells[3] == "n/a"
 
 
 def test_folds_trained_as_separate_runs_collect_into_the_all_fold_outputs(

@@ -220,3 +220,18 @@ def test_a_cohort_named_like_a_tcga_project_is_planned(tmp_path: Path) -> None:
     dry = snakemake(tmp_path, "-n", "--cores", "1", "--quiet", "rules")
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert job_counts(dry.stdout)["report"] == "1"
+
+
+def test_the_report_is_given_the_configured_models(tmp_path: Path) -> None:
+    """Results of a model dropped from `models:` stay on disk; the report job must name the models
+    it plots rather than take every results folder it finds."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "TCGA-ZZ-0001-01Z-00-DX1.svs").touch()
+    config = {"cohorts": {"LUAD": {"slides": str(slides), "omics": str(tmp_path / "omics")}},
+              "models": ["snn", "healnet"]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake(tmp_path, "-n", "--cores", "1", "-p")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    report_command = [line for line in dry.stdout.splitlines() if " report --cohort LUAD" in line]
+    assert len(report_command) == 1 and " --models snn,healnet " in report_command[0]

@@ -25,6 +25,7 @@ rule report:
         encoder=ENCODER,
         r=config["report"],
         slides=lambda wc: optional_flag("--slides-dir", slides_dir(wc.cohort)),
+        models=lambda wc: ",".join(cohort_models(wc.cohort)),
     threads: 1
     resources:
         mem_mb=4000,
@@ -35,5 +36,5 @@ rule report:
         "{params.healnet} report --cohort {wildcards.cohort} --results-dir results/{wildcards.cohort}"
         " --omics-dir omics/{wildcards.cohort} --models-dir models/{wildcards.cohort}"
         " --features-dir features/{wildcards.cohort}/{params.encoder} --tiles-dir tiles/{wildcards.cohort}"
-        " {params.slides} --top-omic-features {params.r[top_omic_features]}"
+        " {params.slides} --models {params.models} --top-omic-features {params.r[top_omic_features]}"
         " --heatmap-slides {params.r[heatmap_slides]} -o results/{wildcards.cohort}/figures > {log} 2>&1"
