@@ -314,6 +314,48 @@ def test_folder_bad_inputs(demo: dict) -> None:
     expect_error(read_omics, omics, source=omics / "clinical.tsv", words=("empty",))
 
 
+def test_damaged_downloads_and_infinite_values_are_one_line_errors(demo: dict, tmp_path: Path) -> None:
+    """A truncated .gz, an R-style -Inf (log2 of 0) and an infinite survival time are named errors,
+    not a traceback or a training mean of -inf."""
+    rng = np.random.default_rng(0)
+    many = [{"case_id": pid(i), "slide_id": slide_name(i), "survival_months": rng.uniform(1, 99),
+             "censorship": int(rng.integers(2))} for i in range(1, 4000)]
+    table = mcat_table(tmp_path / "t.csv.gz", many)  # the header decodes, the cut comes later
+    data = table.read_bytes()
+    table.write_bytes(data[: len(data) // 2])
+    expect_error(read_omics, table, source=table, words=("damaged compressed file",))
+    base = [{"case_id": "TCGA-AB-0001", "slide_id": slide_name(1), "survival_months": 10.0, "censorship": 0},
+            {"case_id": "TCGA-AB-0002", "slide_id": slide_name(2), "survival_months": 20.0, "censorship": 1}]
+    forever = mcat_table(tmp_path / "f.csv", [base[0], {**base[1], "survival_months": float("inf")}])
+    expect_error(read_omics, forever, source=forever, words=("infinite survival time", "TCGA-AB-0002"))
+
+    omics = demo["omics"]
+    rna = pd.read_csv(omics / "rna.tsv", sep="\t")
+    rna.loc[1, f"{pid(2)}-01A"] = -np.inf
+    rna.to_csv(omics / "rna.tsv", sep="\t", index=False)
+    expect_error(read_omics, omics, source=omics / "rna.tsv",
+                 words=("infinite", "-inf", "EGFR", f"{pid(2)}-01A"))
+
+
+def test_a_barcode_column_with_a_typo_names_the_row(demo: dict) -> None:
+    """One bad value in the patient column is reported as such, not as a missing patient column."""
+    omics = demo["omics"]
+    clinical = pd.read_csv(omics / "clinical.tsv", sep="\t")
+    clinical.loc[2, "_PATIENT"] = "AB-0003"
+    clinical.to_csv(omics / "clinical.tsv", sep="\t", index=False)
+    expect_error(read_omics, omics, source=omics / "clinical.tsv", words=("_PATIENT", "AB-0003", "line 4"))
+
+
+def test_an_empty_preferred_sample_does_not_hide_a_measured_one(demo: dict) -> None:
+    """Patient 1's RNA has samples 01A and 01B; with 01A all NA, the measured 01B is the patient's."""
+    omics = demo["omics"]
+    rna = demo["rna"].copy()
+    rna[f"{pid(1)}-01A"] = np.nan
+    rna.to_csv(omics / "rna.tsv", sep="\t", index=False)
+    tables = read_omics(omics)
+    assert tables.omics["rna"].loc[pid(1)].tolist() == rna[f"{pid(1)}-01B"].tolist()
+
+
 def test_split_file_errors(demo: dict, tmp_path: Path) -> None:
     patients = sorted(pid(i) for i in [1, 2, 3, 4, 5, 8, *demo["filler"]])
     splits = tmp_path / "splits"
@@ -333,6 +375,16 @@ def test_split_file_errors(demo: dict, tmp_path: Path) -> None:
     write(patients[4:], patients[:3])
     expect_error(cli, argv, source=splits / "splits_0.csv", words=("neither train nor val", patients[3]))
     assert not (tmp_path / "o" / "manifest.parquet").exists()  # nothing written on error
+    write(patients[3:], patients[:3])
+    (splits / "splits_00.csv").write_text((splits / "splits_0.csv").read_text())
+    expect_error(cli, argv, source=splits, words=("two split files for the same fold", "splits_00.csv"))
+    (splits / "splits_00.csv").unlink()
+    # R's write.csv pads the shorter column with NA
+    for k in range(2):
+        text = (splits / f"splits_{k}.csv").read_text().replace(",,", ",NA,").replace(",\n", ",NA\n")
+        (splits / f"splits_{k}.csv").write_text(text)
+    assert "NA" in (splits / "splits_0.csv").read_text()
+    assert cli(argv) == 0
 
 
 def test_command_line_reports_one_line(demo: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -47,6 +47,7 @@ import io
 import logging
 import lzma
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,8 @@ def read_table(
                             nrows=nrows, low_memory=False)
     except pd.errors.EmptyDataError as err:
         raise InputError(path, "empty table (no header)") from err
+    except (EOFError, zlib.error, lzma.LZMAError) as err:  # a truncated or damaged .gz/.xz/.bz2 download
+        raise InputError(path, f"damaged compressed file: {err}") from err
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise InputError(path, f"cannot parse table: {str(err).strip().splitlines()[0]}") from err
     if nrows != 0 and frame.empty:
@@ -206,10 +209,12 @@ def classify_file(path: Path) -> str | None:
 
 
 def _numeric(frame: pd.DataFrame, source: Path, what: str, row_names: pd.Index | None = None) -> pd.DataFrame:
-    """``frame`` as float64; InputError naming columns and rows that hold non-numeric values."""
+    """``frame`` as float64; InputError naming columns and rows that hold non-numeric or infinite
+    values (``-Inf`` is what R writes for log2(0): left in, it would become a training mean of -inf
+    and every held-out patient's value inf)."""
     text_cols = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if not text_cols:
-        return frame.astype(np.float64)
+        return _finite(frame.astype(np.float64), source, what, row_names)
     converted = frame[text_cols].apply(pd.to_numeric, errors="coerce")
     bad = converted.isna() & frame[text_cols].notna()
     if bad.to_numpy().any():
@@ -221,7 +226,18 @@ def _numeric(frame: pd.DataFrame, source: Path, what: str, row_names: pd.Index |
                                  f"row(s) {describe_rows(names)}")
     out = frame.copy()
     out[text_cols] = converted
-    return out.astype(np.float64)
+    return _finite(out.astype(np.float64), source, what, row_names)
+
+
+def _finite(frame: pd.DataFrame, source: Path, what: str, row_names: pd.Index | None) -> pd.DataFrame:
+    infinite = np.isinf(frame.to_numpy())
+    if infinite.any():
+        cols = frame.columns[infinite.any(axis=0)]
+        names = (row_names if row_names is not None else frame.index)[infinite.any(axis=1)]
+        example = frame.to_numpy()[infinite][0]
+        raise InputError(source, f"infinite {what} (e.g. {example}) in column(s) {describe_rows(cols)}, "
+                                 f"row(s) {describe_rows(names)}: mark unmeasured values as empty or NA")
+    return frame
 
 
 def _find_column(frame: pd.DataFrame, names: Iterable[str]) -> str | None:
@@ -267,6 +283,10 @@ def _time_values(values: pd.Series, source: Path, column: str, patients: pd.Seri
     if bad.any():
         raise InputError(source, f"non-numeric survival time in column {column} for patient(s) "
                                  f"{describe_rows(patients[bad])} (e.g. {values[bad].iloc[0]!r})")
+    infinite = np.isinf(numeric)
+    if infinite.any():
+        raise InputError(source, f"infinite survival time in column {column} for patient(s) "
+                                 f"{describe_rows(patients[infinite])}")
     negative = numeric < 0
     if negative.any():
         raise InputError(source, f"negative survival time in column {column} for patient(s) "
@@ -407,8 +427,9 @@ def read_clinical(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     frame = read_table(path, na_values=CLINICAL_NA)
     pcol = _find_column(frame, PATIENT_COLUMNS)
-    if pcol is not None and not frame[pcol].dropna().map(is_barcode).all():
+    if pcol is not None and not frame[pcol].dropna().map(is_barcode).any():
         pcol = None  # e.g. GDC's case_id is a UUID: fall through to a barcode column
+    # (a barcode column with some bad values stays: _patients_from names those rows)
     if pcol is None:
         pcol = _find_column(frame, SAMPLE_COLUMNS)
     if pcol is None and frame[frame.columns[0]].dropna().map(is_barcode).all():
@@ -471,7 +492,11 @@ def _samples_to_patients(
     if matrix.index.duplicated().any():
         dups = matrix.index[matrix.index.duplicated()].unique()
         raise InputError(source, f"sample(s) listed twice: {describe_rows(dups)}")
-    choice = choose_samples(matrix.index, source)
+    choose_samples(matrix.index, source)  # every label must be a barcode, measured or not
+    # A sample with no value at all (e.g. an all-NA column of a gene x sample matrix) is not a
+    # measurement: leaving it in could make it the patient's chosen sample over a measured one.
+    unmeasured = [str(s) for s in matrix.index[matrix.isna().all(axis=1)]]
+    choice = choose_samples(matrix.index.difference(unmeasured, sort=False), source)
     picked = matrix.loc[list(choice.chosen.values())]
     picked.index = pd.Index(list(choice.chosen.keys()), name="patient")
     if choice.normals_ignored:
@@ -483,6 +508,7 @@ def _samples_to_patients(
         "samples": int(len(matrix)),
         "normal_samples_ignored": choice.normals_ignored,
         "duplicate_samples_not_used": choice.duplicates_dropped,
+        "samples_without_values": unmeasured,
         "chosen_samples": dict(sorted(choice.chosen.items())),
     }
     return _drop_empty_rows(picked).sort_index(), notes

@@ -102,7 +102,12 @@ def read_splits(folder: str | Path, patients: Iterable[str]) -> pd.DataFrame:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "splits folder not found")
-    files = {int(m.group(1)): p for p in folder.iterdir() if (m := SPLIT_FILE_RE.match(p.name))}
+    numbered = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                      if (m := SPLIT_FILE_RE.match(p.name)) and p.is_file())
+    files = dict(numbered)
+    if len(files) < len(numbered):  # e.g. splits_0.csv and splits_00.csv: which one is fold 0?
+        clash = [p.name for k, p in numbered if sum(k == j for j, _ in numbered) > 1]
+        raise InputError(folder, f"two split files for the same fold: {', '.join(clash)}")
     if not files:
         raise InputError(folder, "no splits_{k}.csv files")
     if sorted(files) != list(range(len(files))):
@@ -114,7 +119,8 @@ def read_splits(folder: str | Path, patients: Iterable[str]) -> pd.DataFrame:
     for k in sorted(files):
         path = files[k]
         try:
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+            # empty cells pad the shorter column; R's write.csv pads with NA
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=["", "NA"])
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
             raise InputError(path, f"cannot parse split file: {err}") from err
         missing = [c for c in ROLES if c not in table.columns]
