@@ -80,11 +80,14 @@ def _with_defaults(validator_class: type) -> type:
 
 
 def numbers_from_strings(config: dict[str, Any], schema: dict[str, Any] | None = None) -> None:
-    """Turn strings such as ``"1e-4"`` into floats where the schema asks for a number, in place.
+    """Turn strings such as ``"1e-4"`` into floats where the schema asks for a number, and whole
+    floats such as ``100.0`` or ``"1e2"`` into ints where it asks for an integer, in place.
 
     Snakemake reads config files and ``--config`` values as YAML 1.1, in which an exponent without
-    a dot is text, so ``lr: 1e-4`` would otherwise fail validation as "not of type number". Only
-    whole decimal numbers are converted; anything else is left for the validator to report.
+    a dot is text, so ``lr: 1e-4`` would otherwise fail validation as "not of type number". JSON
+    Schema counts ``100.0`` as an integer, so ``epochs: 100.0`` would pass and then fail inside
+    training (``range(100.0)``) with a traceback that names no setting. Only decimal numbers are
+    converted; anything else is left for the validator to report.
     """
     if schema is None:
         schema = yaml.safe_load(SCHEMA_PATH.read_text())
@@ -93,9 +96,13 @@ def numbers_from_strings(config: dict[str, Any], schema: dict[str, Any] | None =
     for key, prop in schema.get("properties", {}).items():
         value = config.get(key)
         types = prop.get("type", [])
-        wants_number = "number" in ([types] if isinstance(types, str) else types)
-        if wants_number and isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-            config[key] = float(value)
+        kinds = [types] if isinstance(types, str) else types
+        wants_integer = "integer" in kinds and "number" not in kinds
+        numeric_text = isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip())
+        if ("number" in kinds or wants_integer) and numeric_text:
+            config[key] = value = float(value)
+        if wants_integer and isinstance(value, float) and value.is_integer():
+            config[key] = int(value)
         elif isinstance(value, dict):
             numbers_from_strings(value, prop)
 

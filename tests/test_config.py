@@ -81,6 +81,17 @@ def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
         validate_config({"cohorts": {"X": {"demo": True}}, "training": {"lr": "2e-4x"}})
 
 
+def test_whole_numbers_written_as_floats_become_integers() -> None:
+    """JSON Schema passes 100.0 as an integer; training needs an int (range, batch sizes)."""
+    cfg = validate_config({"cohorts": {"X": {"demo": True}},
+                           "training": {"epochs": 100.0, "batch_size": "8e0", "max_patches_train": 4.096e3}})
+    values = [cfg["training"][k] for k in ("epochs", "batch_size", "max_patches_train")]
+    assert values == [100, 8, 4096] and all(type(v) is int for v in values)
+    assert type(cfg["training"]["lr"]) is float  # a number setting stays a float
+    with pytest.raises(InputError, match=r"training\.epochs"):
+        validate_config({"cohorts": {"X": {"demo": True}}, "training": {"epochs": 2.5}})
+
+
 def test_snakemake_accepts_an_exponent_without_a_dot(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     text = (REPO / "config.yaml").read_text()
