@@ -463,8 +463,10 @@ class ResidentBags:
         sampler = BagBatchSampler(with_wsi, 1, shuffle=False, seed=0, sample=False)
         for batch in checked_batches(make_loader(dataset, sampler, workers)):
             row, n = int(batch["row"][0]), int(batch["wsi_mask"][0].sum())
-            self.features[row] = batch["wsi"][0, :n].to(device)
-            self.coords[row] = batch["coords"][0, :n].to(device)
+            # copy=True: on CPU .to() would keep a view of the reader's shared-memory batch, which
+            # holds open file descriptors (two per kept bag: a 500-patient fold hits the usual 1,024)
+            self.features[row] = batch["wsi"][0, :n].to(device, copy=True)
+            self.coords[row] = batch["coords"][0, :n].to(device, copy=True)
         self.load_seconds = time.perf_counter() - started
 
     @staticmethod

@@ -300,9 +300,27 @@ class FoldResult:
 
 
 def _c_index(time_: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's c-index, NaN when no pair is comparable (no death, or no death before another's time)."""
     if not event.astype(bool).any():
         return float("nan")
-    return float(concordance_index_censored(event.astype(bool), time_, risk)[0])
+    try:
+        return float(concordance_index_censored(event.astype(bool), time_, risk)[0])
+    except ValueError:  # scikit-survival's NoComparablePairException
+        return float("nan")
+
+
+def _inner_val_score(dataset: BagDataset, rows: np.ndarray, logits: np.ndarray, alpha: float
+                     ) -> dict[str, float]:
+    """What early stopping ranks epochs by: the inner-validation c-index, or, where it is undefined
+    (a small split without a comparable pair), minus the validation NLL, so that the kept epoch is
+    still the best on held-out data rather than the first one."""
+    risk = -survival_from_logits(torch.from_numpy(logits)).sum(-1).numpy()
+    c = _c_index(dataset.times[rows], dataset.events[rows], risk)
+    if np.isfinite(c):
+        return {"inner_val_c_index": c, "score": c}
+    nll = float(nll_survival_loss(torch.from_numpy(logits), torch.as_tensor(dataset.bins[rows]),
+                                  torch.as_tensor(dataset.events[rows]), alpha=alpha))
+    return {"inner_val_c_index": c, "inner_val_nll": nll, "score": -nll}
 
 
 def train_model(
@@ -427,14 +445,15 @@ def train_model(
             logits = predict(
                 model, dataset, val_rows, device, {"full": _all_flags(dataset, val_rows)}, workers
             )
-            risk = -survival_from_logits(torch.from_numpy(logits["full"])).sum(-1).numpy()
-            score = _c_index(dataset.times[val_rows], dataset.events[val_rows], risk)
-            record["inner_val_c_index"] = score
-            if best is None or (np.isfinite(score) and score > best[0]):
-                best = (score if np.isfinite(score) else -np.inf, epoch, copy.deepcopy(model.state_dict()))
+            scored = _inner_val_score(dataset, val_rows, logits["full"], alpha)
+            score = scored.pop("score")
+            record.update(scored)
+            if best is None or score > best[0]:
+                best = (score, epoch, copy.deepcopy(model.state_dict()))
             elif epoch - best[1] >= training["patience"]:
                 history.append(record)
-                log.info("early stop at epoch %d (best %d, inner val c-index %.4f)", epoch, best[1], best[0])
+                log.info("early stop at epoch %d (best %d, inner-validation score %.4f)",
+                         epoch, best[1], best[0])
                 break
         history.append(record)
         if averaged is not None and epoch >= average_from:
@@ -457,7 +476,9 @@ def train_model(
         history.append({"averaged_epochs": int(averaged.n_averaged)})
     if best is not None:
         model.load_state_dict(best[2])
-        history.append({"restored_epoch": best[1], "inner_val_c_index": best[0]})
+        kept = next(r for r in history if r.get("epoch") == best[1])
+        by = "inner_val_nll" if "inner_val_nll" in kept else "inner_val_c_index"
+        history.append({"restored_epoch": best[1], by: kept[by]})
     return history
 
 

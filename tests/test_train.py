@@ -490,6 +490,52 @@ def test_early_stopping_uses_an_inner_split_of_the_training_fold(
     assert "restored_epoch" in fold["epochs"][-1]
 
 
+def test_early_stopping_without_a_comparable_pair_keeps_the_epoch_with_the_lowest_validation_loss() -> None:
+    """A small inner split may hold no death, or none before another patient's time: its c-index is
+    undefined at every epoch, so epochs are ranked by the validation NLL instead of keeping epoch 0."""
+    from healnet.baselines import SNN
+    from healnet.data import BagDataset
+
+    assert np.isnan(train._c_index(np.array([1.0, 2.0]), np.array([0, 1]), np.array([0.3, 0.1])))
+    rng = np.random.default_rng(0)
+    n, n_train = 40, 32
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    times = np.exp(-x[:, 0]) * 20
+    events = np.r_[(rng.random(n_train) < 0.6).astype(int), np.zeros(n - n_train, int)]  # censored split
+    bins = np.digitize(times, np.quantile(times, [0.25, 0.5, 0.75]))
+    dataset = BagDataset(x, np.ones(n, bool), [[] for _ in range(n)], bins, events, times, read_wsi=False)
+    training = {"lr": 3e-3, "weight_decay": 0.0, "batch_size": 8, "grad_accumulation": 1, "alpha": 0.4,
+                "l1_omics": 0.0, "epochs": 12, "patience": 12}
+    torch.manual_seed(0)
+    history = train.train_model(SNN(n_omics=5), dataset, np.arange(n_train), np.arange(n_train, n), training,
+                                torch.device("cpu"), 0, 0, None)
+    epochs = [h for h in history if "epoch" in h]
+    assert all(np.isnan(h["inner_val_c_index"]) for h in epochs)
+    losses = [h["inner_val_nll"] for h in epochs]
+    best = int(np.argmin(losses))
+    assert history[-1] == {"restored_epoch": best, "inner_val_nll": losses[best]} and best > 0
+
+
+def test_bags_kept_in_ram_are_copied_out_of_the_readers_shared_memory(
+    cohort: tuple[Path, Path, Path]
+) -> None:
+    """On CPU, a kept bag that stayed a view of a reader's batch would hold that batch's shared-memory
+    file descriptors open: two per patient, so a 500-patient fold hit the usual limit of 1,024."""
+    from healnet import data
+
+    omics_dir, features_dir, _ = cohort
+    manifest = data.load_omics_dir(omics_dir).manifest
+    found, _ = data.index_stores(features_dir, manifest)
+    bags = [found.get(p, []) for p in manifest["patient"]]
+    n = len(bags)
+    dataset = data.BagDataset(np.zeros((n, 1), np.float32), np.ones(n, bool), bags, np.zeros(n, int),
+                              np.ones(n), np.ones(n))
+    kept = data.ResidentBags(dataset, range(n), torch.device("cpu"), workers=1)
+    assert kept.features and not any(t.is_shared() for t in [*kept.features.values(), *kept.coords.values()])
+    row = next(iter(kept.features))
+    np.testing.assert_array_equal(kept.features[row].numpy(), dataset.read_bag(row)[0])
+
+
 def test_without_feature_stores(
     cohort: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
