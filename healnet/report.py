@@ -132,8 +132,9 @@ def plot_c_index(folds: pd.DataFrame, path: Path, setting: str = "full") -> None
     save_figure(fig, path)
 
 
-def failed_slides(tiles_dir: Path) -> pd.DataFrame:
-    """Slides whose tiling failed or gave no patches, with the reason (empty frame when none)."""
+def failed_slides(tiles_dir: Path, features_dir: Path | None = None) -> pd.DataFrame:
+    """Slides whose tiling failed or gave no patches, or whose patches could not be embedded (a store
+    recorded as ``failed``), with the reason (empty frame when none)."""
     rows = []
     for path in sorted(tiles_dir.glob("*.parquet")) if tiles_dir.is_dir() else []:
         tiles, meta = read_tiles(path)
@@ -143,7 +144,21 @@ def failed_slides(tiles_dir: Path) -> pd.DataFrame:
         elif len(tiles) == 0:
             reason = meta.get("warning") or "no patch passed the tissue threshold"
             rows.append({"slide": slide, "patient": slide[:12], "status": "no patches", "reason": reason})
+        elif features_dir is not None and (reason := _extraction_failure(features_dir / f"{slide}.zarr")):
+            rows.append({"slide": slide, "patient": slide[:12], "status": "failed", "reason": reason})
     return pd.DataFrame(rows, columns=["slide", "patient", "status", "reason"])
+
+
+def _extraction_failure(store: Path) -> str | None:
+    """Why extraction recorded this store as failed (``on_slide_error: record``), else None."""
+    import zarr
+
+    if not store.is_dir():
+        return None
+    try:
+        return zarr.open_group(str(store), mode="r").attrs.get("failed")
+    except Exception:  # noqa: BLE001 - a store that cannot be opened is training's error to report
+        return None
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -181,7 +196,7 @@ def cli(argv: list[str] | None = None) -> int:
     logrank = plot_km_curves(predictions, args.out / "km_curves.png")
     write_csv(logrank, args.results_dir / "logrank.csv")
     plot_c_index(folds, args.out / "c_index.png")
-    write_csv(failed_slides(args.tiles_dir), args.results_dir / "failed_slides.csv")
+    write_csv(failed_slides(args.tiles_dir, args.features_dir), args.results_dir / "failed_slides.csv")
 
     from healnet import explain
 

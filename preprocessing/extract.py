@@ -10,13 +10,15 @@ complete (``complete: true`` is its last attribute), so a killed job never leave
         [--weights FILE] [--allow-random-weights] [--encoder-file FROZEN.pt] [--batch-size 64]
         [--device auto|cpu|cuda] [--dtype float16|float32] [--workers 1|auto] [--threads N]
         [--max-bad-patch-fraction 0.01] [--stain-norm macenko|vahadane|reinhard --stain-reference IMAGE]
+        [--on-slide-error fail|record]
 
-An existing complete store made from the same tiles with the same encoder, weights, dtype and stain
-normalisation is kept (the command says so and exits 0). Zero tiles, or a tiles file marked
-``failed``, give a valid empty store (``failed`` copied into its attributes). Patches whose pixels
-cannot be decoded are left out and listed in ``bad_patches``; more than ``--max-bad-patch-fraction``
-of them, or any non-finite feature, fail the slide. The training step reads stores with
-:func:`read_store` and checks them with :func:`is_complete`.
+An existing complete store made from the same tiles (coordinates, level, patch size) with the same
+encoder, weights, dtype and stain normalisation is kept (the command says so and exits 0). Zero
+tiles, or a tiles file marked ``failed``, give a valid empty store (``failed`` copied into its
+attributes). Patches whose pixels cannot be decoded are left out and listed in ``bad_patches``; more
+than ``--max-bad-patch-fraction`` of them, or any non-finite feature, fail the slide: an error, or
+with ``--on-slide-error record`` an empty store whose ``failed`` attribute gives the reason. The
+training step reads stores with :func:`read_store` and checks them with :func:`is_complete`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,8 @@ CHUNK_ROWS = 4096
 #: per-patch status returned by the loader
 OK, BAD, STAIN_SKIPPED = 0, 1, 2
 #: attributes that must match for an existing complete store to be reused
-REUSE_KEYS = ("encoder", "weights", "weights_sha256", "dtype", "n_tiles", "tiles_sha256", "stain_norm")
+REUSE_KEYS = ("encoder", "weights", "weights_sha256", "dtype", "n_tiles", "tiles_sha256", "stain_norm",
+              "level", "downsample", "patch_size_level0", "target_mpp", "patch_size")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +376,7 @@ class ExtractResult:
     bad: list[tuple[int, int]] = field(default_factory=list)
     skipped: bool = False
     loop_seconds: float = 0.0
+    failed: str | None = None  # why the slide has no patches (on_slide_error="record")
 
     @property
     def patches_per_second(self) -> float:
@@ -409,9 +413,9 @@ def _check_meta(tiles: Path, slide: Path, meta: dict[str, Any], handle: openslid
         raise InputError(tiles, f"level {level} not in slide {slide.name} ({handle.level_count} levels)")
     downsample = float(meta["downsample"])
     actual = float(handle.level_downsamples[level])
-    if not math.isclose(downsample, actual, rel_tol=0.01):
-        log.warning("%s: tiles say level %d has downsample %.4g, the slide says %.4g; using the tiles' value",
-                    slide.name, level, downsample, actual)
+    if not math.isclose(downsample, actual, rel_tol=0.01):  # the slide was replaced after tiling
+        raise InputError(tiles, f"says level {level} has downsample {downsample:.4g}, but {slide.name} has "
+                                f"{actual:.4g}: tile the slide again")
     read_size = round(float(meta["patch_size_level0"]) / downsample)
     if read_size < 1:
         raise InputError(tiles, f"patch_size_level0 {meta['patch_size_level0']} is under one pixel "
@@ -486,14 +490,20 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
                   allow_random_weights: bool = False, batch_size: int = 64, device: str = "auto",
                   dtype: str = "float16", workers: int | str = 1, threads: int | None = None,
                   max_bad_patch_fraction: float = 0.01, stain_norm: str | None = None,
-                  stain_reference: str | Path | None = None, progress: bool = True) -> ExtractResult:
+                  stain_reference: str | Path | None = None, progress: bool = True,
+                  on_slide_error: str = "fail") -> ExtractResult:
     """Embed every patch listed in ``tiles`` and write the store ``out``; see the module docstring.
 
     ``encoder`` is a name (built here with ``weights``/``allow_random_weights``) or a built
     :class:`Encoder`. ``encoder_file`` (made by ``healnet encoder`` from the same name and weights)
     replaces building the encoder, on CPU and GPU alike. An existing complete store made the same way
-    from the same tiles is kept.
+    from the same tiles is kept. ``on_slide_error="record"``: a slide that tiling could read but whose
+    patches cannot be embedded (file gone or unreadable, too many undecodable patches) gets a
+    complete store without patches whose ``failed`` attribute says why, so that its patient counts
+    as having no slide and the cohort's other jobs go on, as tiling does for unreadable slides.
     """
+    if on_slide_error not in {"fail", "record"}:
+        raise InputError("--on-slide-error", f"must be fail or record, got {on_slide_error!r}")
     slide, tiles, out = Path(slide), Path(tiles), Path(out)
     if batch_size < 1:
         raise InputError("--batch-size", f"must be at least 1, got {batch_size}")
@@ -512,8 +522,6 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
     frame, meta = _load_tiles(tiles)
     failed = meta.get("failed")
     coords = frame[["x", "y"]].to_numpy(dtype=np.int64) if not failed else np.zeros((0, 2), np.int64)
-    if not failed and not slide.is_file():
-        raise InputError(slide, "slide file not found")
     workers = reader_processes(len(coords), batch_size, workers)
     torch.set_num_threads(threads)
 
@@ -551,14 +559,35 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
         log.info("%s is complete for these tiles and weights: skipping (delete it to recompute)", out)
         return ExtractResult(out, n_done, len(coords), skipped=True)
 
-    if len(coords):
-        try:
-            handle = openslide.OpenSlide(str(slide))
-        except (openslide.OpenSlideError, OSError) as err:
-            raise InputError(slide, f"cannot open slide ({err})") from err
-        with handle:
-            attrs["read_size"] = _check_meta(tiles, slide, meta, handle)
+    try:
+        if len(coords) and not slide.is_file():
+            raise InputError(slide, "slide file not found")
+        if len(coords):
+            try:
+                handle = openslide.OpenSlide(str(slide))
+            except (openslide.OpenSlideError, OSError) as err:
+                raise InputError(slide, f"cannot open slide ({err})") from err
+            with handle:
+                attrs["read_size"] = _check_meta(tiles, slide, meta, handle)
+        return _write_store(out, slide, coords, attrs, enc, meta, stain, torch_device, batch_size=batch_size,
+                            workers=workers, max_bad_patch_fraction=max_bad_patch_fraction, progress=progress)
+    except InputError as err:
+        if on_slide_error != "record" or err.source != str(slide):
+            raise
+        log.error("%s; recorded as a slide without patches (on_slide_error: record)", err)
+        attrs["failed"] = err.reason
+        empty = np.zeros((0, 2), np.int64)
+        result = _write_store(out, slide, empty, attrs, enc, meta, stain, torch_device, batch_size=batch_size,
+                              workers=0, max_bad_patch_fraction=max_bad_patch_fraction, progress=False)
+        return replace(result, n_tiles=len(coords), failed=err.reason)
 
+
+def _write_store(out: Path, slide: Path, coords: np.ndarray, attrs: dict[str, Any], enc: Encoder,
+                 meta: dict[str, Any], stain: StainNormaliser | None, torch_device: torch.device, *,
+                 batch_size: int, workers: int, max_bad_patch_fraction: float,
+                 progress: bool) -> ExtractResult:
+    """Embed the patches at ``coords`` and write the complete store ``out`` (atomically) with ``attrs``."""
+    dtype = attrs["dtype"]
     started = time.perf_counter()
     with atomic_output(out) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -631,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stain-norm", choices=STAIN_METHODS, help="stain normalisation before the encoder")
     parser.add_argument("--stain-reference", type=Path, help="reference image (PNG/JPEG) for --stain-norm")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--on-slide-error", choices=["fail", "record"], default="fail",
+                        help="record: a slide whose patches cannot be read gets a store without patches "
+                             "that says why (its patient then has no slide), and the exit status is 0")
     return parser
 
 
@@ -642,7 +674,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
                   allow_random_weights=args.allow_random_weights, batch_size=args.batch_size,
                   device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
                   max_bad_patch_fraction=args.max_bad_patch_fraction, stain_norm=args.stain_norm,
-                  stain_reference=args.stain_reference, progress=not args.no_progress)
+                  stain_reference=args.stain_reference, progress=not args.no_progress,
+                  on_slide_error=args.on_slide_error)
     return 0
 
 

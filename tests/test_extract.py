@@ -225,6 +225,21 @@ def test_too_many_corrupt_tiles_fail_naming_the_slide(data, encoder, tmp_path):
                                          r"first at x=768, y=0"):
         extract_slide(slide, data["tiles"], out, encoder=encoder, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".bad.zarr*"))
+    # as the workflow runs it (tiling.on_slide_error: record): a store without patches that says why
+    recorded = extract_slide(slide, data["tiles"], out, encoder=encoder, progress=False,
+                             on_slide_error="record")
+    features, coords, attrs = read_store(out)
+    assert features.shape == (0, 1280) and coords.shape == (0, 2) and attrs["n_patches"] == 0
+    assert attrs["failed"].startswith("more than 1.00% of 32 patches cannot be decoded")
+    assert recorded.failed == attrs["failed"] and recorded.n_tiles == 32
+    gone = tmp_path / "gone.svs"
+    assert cli([str(gone), str(data["tiles"]), "-o", str(tmp_path / "gone.zarr"), "--no-progress",
+                "--on-slide-error", "record"]) == 0
+    assert read_store(tmp_path / "gone.zarr")[2]["failed"] == "slide file not found"
+    other = write_tiles(tmp_path / "other.parquet", _grid(), {**META, "slide": "TCGA-XX-0000-01Z"})
+    with pytest.raises(InputError, match="tiles were made from slide"):  # a pipeline error still fails
+        extract_slide(slide, other, tmp_path / "o.zarr", encoder=encoder, progress=False,
+                      on_slide_error="record")
 
 
 class _NaNModel(nn.Module):
@@ -240,6 +255,22 @@ def test_non_finite_features_fail_naming_the_slide(data, tmp_path):
     with pytest.raises(InputError, match=r"slide.svs: non-finite features for the patch at x=1792, y=0"):
         extract_slide(data["slide"], data["tiles"], out, encoder=broken, batch_size=32, progress=False)
     assert not out.exists()
+
+
+def test_tiles_of_a_replaced_slide_are_refused_and_a_store_of_other_tiles_is_not_reused(
+    data, encoder, tmp_path
+):
+    """Tiles made for another pyramid would read patches of the wrong size; a store made for tiles at
+    another level (same coordinates) holds other pixels."""
+    stale = write_tiles(tmp_path / "stale.parquet", _grid(), {**META, "level": 0, "downsample": 2.0})
+    said = r"stale.parquet: says level 0 has downsample 2, but slide.svs has 1"
+    with pytest.raises(InputError, match=said):
+        extract_slide(data["slide"], stale, tmp_path / "s.zarr", encoder=encoder, progress=False)
+    out = tmp_path / "level.zarr"
+    shutil.copytree(data["store"], out)
+    half = write_tiles(tmp_path / "half.parquet", _grid(), {**META, "target_mpp": 1.0, "patch_size": 128})
+    result = extract_slide(data["slide"], half, out, encoder=encoder, workers=0, progress=False)
+    assert not result.skipped and read_store(out)[2]["patch_size"] == 128
 
 
 def test_tiles_of_another_slide_are_refused(data, encoder, tmp_path):

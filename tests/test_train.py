@@ -679,6 +679,23 @@ def test_the_report_draws_only_the_models_it_is_given(
     assert attention_from[-1] == healnet_run / "models" / "healnet"
 
 
+def test_failed_slides_lists_a_slide_whose_extraction_was_recorded_as_failed(tmp_path: Path) -> None:
+    from healnet.report import failed_slides
+    from preprocessing.tiles_io import write_tiles
+
+    grid = pd.DataFrame({"x": [0, 256], "y": [0, 0], "tissue_fraction": [1.0, 1.0]})
+    for stem in ("TCGA-AA-0001-01Z-00-DX1", "TCGA-AA-0002-01Z-00-DX1"):
+        write_tiles(tmp_path / "tiles" / f"{stem}.parquet", grid, {"level": 0})
+        store = zarr.open_group(str(tmp_path / "features" / f"{stem}.zarr"), mode="w")
+        if stem.startswith("TCGA-AA-0002"):
+            store.attrs["failed"] = "more than 1.00% of 2 patches cannot be decoded; first at x=0, y=0"
+    table = failed_slides(tmp_path / "tiles", tmp_path / "features")
+    assert table.to_dict("records") == [{
+        "slide": "TCGA-AA-0002-01Z-00-DX1", "patient": "TCGA-AA-0002", "status": "failed",
+        "reason": "more than 1.00% of 2 patches cannot be decoded; first at x=0, y=0"}]
+    assert failed_slides(tmp_path / "tiles").empty  # without the stores, tiling saw nothing wrong
+
+
 def test_the_attention_figure_draws_one_slide_per_chosen_patient_in_risk_order() -> None:
     """Panels arrive per slide in fold order; a patient with two slides in the first fold must not
     push the lowest-risk patient out of the figure."""

@@ -222,16 +222,28 @@ def test_a_cohort_named_like_a_tcga_project_is_planned(tmp_path: Path) -> None:
     assert job_counts(dry.stdout)["report"] == "1"
 
 
-def test_the_report_is_given_the_configured_models(tmp_path: Path) -> None:
-    """Results of a model dropped from `models:` stay on disk; the report job must name the models
-    it plots rather than take every results folder it finds."""
+def test_jobs_get_the_configured_models_error_mode_and_files(tmp_path: Path) -> None:
+    """Results of a model dropped from `models:` stay on disk, so the report job must name the models
+    it plots; extraction records a slide it cannot read, as tiling does; and the files the config
+    names (MPP overrides, weights, stain reference) are inputs, so that editing one reruns its jobs."""
     slides = tmp_path / "slides"
     slides.mkdir()
     (slides / "TCGA-ZZ-0001-01Z-00-DX1.svs").touch()
+    files = {name: tmp_path / name for name in ("overrides.csv", "weights.pth", "reference.png")}
+    for path in files.values():
+        path.touch()
     config = {"cohorts": {"LUAD": {"slides": str(slides), "omics": str(tmp_path / "omics")}},
-              "models": ["snn", "healnet"]}
+              "models": ["snn", "healnet"], "tiling": {"mpp_overrides": str(files["overrides.csv"])},
+              "extract": {"weights": str(files["weights.pth"]), "stain_norm": "macenko",
+                          "stain_reference": str(files["reference.png"])}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     dry = snakemake(tmp_path, "-n", "--cores", "1", "-p")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    report_command = [line for line in dry.stdout.splitlines() if " report --cohort LUAD" in line]
+    lines = dry.stdout.splitlines()
+    report_command = [line for line in lines if " report --cohort LUAD" in line]
     assert len(report_command) == 1 and " --models snn,healnet " in report_command[0]
+    extract_command = [line for line in lines if " extract " in line and "--encoder-file" in line]
+    assert len(extract_command) == 1 and "--on-slide-error record" in extract_command[0]
+    inputs = [line for line in lines if line.strip().startswith("input:")]
+    for name, path in files.items():
+        assert any(str(path) in line for line in inputs), name

@@ -223,6 +223,11 @@ def figure(name, caption, label):
     )
 
 
+def optional_input(path):
+    """A file the config may name (null: none) as a rule input, so that editing it reruns the rule."""
+    return path if path not in (None, "") else []
+
+
 def optional_flag(flag, value):
     """`--flag 'value'` when the config sets value, else nothing."""
     return f"{flag} {shlex.quote(str(value))}" if value not in (None, "", []) else ""

@@ -6,8 +6,11 @@
 # Snakemake reruns every job whose input another job rewrites (ancient() does not stop that), so a
 # remade encoder file would send every finished store of the cohort back to extraction whenever one
 # slide needed extracting (a slide added, a lost store). Stores follow the encoder itself: its name
-# is in their path and its weights file in the params of both rules.
+# is in their path, and its weights file is the encoder's input (so new weights remake it, and then
+# every store) and in the params of both rules.
 rule encoder:
+    input:
+        weights=optional_input(config["extract"]["weights"]),
     output:
         "features/{cohort}/{encoder}/encoder.pt",
     log:
@@ -32,6 +35,7 @@ rule extract:
         slide=slide_path,
         tiles="tiles/{cohort}/{slide}.parquet",
         encoder="features/{cohort}/{encoder}/encoder.pt",
+        stain_reference=optional_input(config["extract"]["stain_reference"]),
     output:
         store=directory("features/{cohort}/{encoder}/{slide}.zarr"),
     log:
@@ -43,6 +47,7 @@ rule extract:
         device=config["extract"]["device"],
         dtype=config["extract"]["dtype"],
         max_bad=config["extract"]["max_bad_patch_fraction"],
+        on_error=config["tiling"]["on_slide_error"],
         options=" ".join(
             [
                 optional_flag("--weights", config["extract"]["weights"]),
@@ -65,4 +70,4 @@ rule extract:
         " --encoder {wildcards.encoder} --encoder-file {input.encoder:q} {params.options}"
         " --device {params.device} --dtype {params.dtype} --max-bad-patch-fraction {params.max_bad}"
         " --batch-size {resources.patches_per_batch} --workers {resources.readers}"
-        " --threads {threads} > {log:q} 2>&1"
+        " --threads {threads} --on-slide-error {params.on_error} > {log:q} 2>&1"

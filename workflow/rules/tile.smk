@@ -4,6 +4,8 @@
 rule tile:
     input:
         slide=slide_path,
+        # an input, not only a flag: a corrected table must re-tile (and so re-extract and retrain)
+        mpp_overrides=optional_input(config["tiling"]["mpp_overrides"]),
     output:
         tiles="tiles/{cohort}/{slide}.parquet",
         qc=report(
