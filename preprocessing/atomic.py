@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from preprocessing.errors import InputError
+
 
 def temporary_sibling(dest: str | Path) -> Path:
     """A unique, hidden path in the same directory as ``dest`` (same filesystem, so rename is atomic)."""
@@ -28,6 +30,17 @@ def remove_path(path: str | Path) -> None:
         path.unlink()
 
 
+def make_parent(dest: str | Path) -> None:
+    """Create the folder ``dest`` goes in; an InputError naming ``dest`` when that is impossible (a
+    file stands where a folder must be, no permission)."""
+    try:
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocking = next((p for p in Path(dest).parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file" if blocking else (err.strerror or str(err))
+        raise InputError(dest, f"cannot create its folder: {why}") from None
+
+
 @contextlib.contextmanager
 def atomic_output(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``dest``, on any error it is removed.
@@ -36,7 +49,7 @@ def atomic_output(dest: str | Path) -> Iterator[Path]:
     complete.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(dest)
     tmp = temporary_sibling(dest)
     try:
         yield tmp

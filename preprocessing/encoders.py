@@ -128,7 +128,8 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure means an unusable file
-        raise InputError(path, f"cannot read weights ({type(err).__name__}: {err})") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # torch's run to many lines
+        raise InputError(path, f"cannot read weights ({type(err).__name__}: {first})") from err
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]

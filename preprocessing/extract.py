@@ -46,7 +46,7 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from preprocessing.atomic import atomic_output, remove_path
+from preprocessing.atomic import atomic_output, make_parent, remove_path
 from preprocessing.encoders import (
     DEFAULT_ENCODER,
     RANDOM,
@@ -552,7 +552,7 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
     if failed:
         attrs["failed"] = str(failed)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     _remove_stale_temporaries(out)
     if _reusable(out, attrs):
         n_done = int(zarr.open_group(str(out), mode="r").attrs["n_patches"])

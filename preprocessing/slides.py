@@ -103,6 +103,8 @@ def read_mpp_overrides(path: str | Path) -> dict[str, float]:
         table = pd.read_csv(path, dtype={"slide": str}, skipinitialspace=True)
     except FileNotFoundError:
         raise InputError(path, "MPP override table not found") from None
+    except OSError as err:  # a folder, no permission
+        raise InputError(path, f"cannot read MPP override table ({err.strerror or err})") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise InputError(path, f"cannot read MPP override table as CSV: {err}") from None
     missing = {"slide", "mpp"} - set(table.columns)
@@ -145,10 +147,17 @@ def _pair(slide: str | Path, props: Mapping[str, str], kx: str, ky: str | None,
         return x, f"{kx}={props[kx]}"
     y = _number(slide, ky, props[ky]) * scale
     detail = f"{kx}={props[kx]}, {ky}={props[ky]}"
+    if not (math.isfinite(y) and y > 0):  # e.g. mpp-y = 0: a placeholder, not half the pixel size
+        return x, f"{detail} (y ignored)"
+    return _square(slide, x, y, detail), detail
+
+
+def _square(slide: str | Path, x: float, y: float, detail: str) -> float:
+    """The mean of x and y pixel sizes; an InputError when the pixels are not square."""
     if x > 0 and y > 0 and abs(x - y) > SQUARE_TOLERANCE * min(x, y):
         raise InputError(slide, f"non-square pixels ({detail}): not supported; give --mpp or an "
                                 "override table entry if the metadata is wrong")
-    return (x + y) / 2, detail
+    return (x + y) / 2
 
 
 def _vendor(slide: str | Path, props: Mapping[str, str]) -> tuple[float, str] | None:
@@ -163,8 +172,11 @@ def _vendor(slide: str | Path, props: Mapping[str, str]) -> tuple[float, str] | 
             spacing = [float(p) * 1000 for p in parts[:2]]
         except ValueError:
             raise InputError(slide, f"cannot parse philips.DICOM_PIXEL_SPACING = {raw!r}") from None
+        detail = f"philips.DICOM_PIXEL_SPACING={raw}"
+        if len(spacing) == 2:
+            return _square(slide, spacing[0], spacing[1], detail), detail
         if spacing:
-            return sum(spacing) / len(spacing), f"philips.DICOM_PIXEL_SPACING={raw}"
+            return spacing[0], detail
     return None
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from healnet.cli import SUBCOMMANDS
 from preprocessing.atomic import atomic_output
+from preprocessing.errors import InputError
 
 
 def healnet(*args: str) -> subprocess.CompletedProcess:
@@ -36,6 +37,12 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path: Path) -> None:
     lines = [line for line in run.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and str(missing) in lines[0]
     assert not (tmp_path / "t.parquet").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "t.parquet"  # its folder cannot be made: a file has that name
+    with pytest.raises(InputError, match=f"{out}: cannot create its folder: {blocker} is a file"), \
+            atomic_output(out):
+        pass
 
 
 def test_atomic_file_and_directory(tmp_path: Path) -> None:

@@ -149,6 +149,11 @@ def test_non_square_pixels_and_garbage_values_are_errors() -> None:
         resolve_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.5"}, "s.svs")
     with pytest.raises(InputError, match="cannot parse aperio.MPP"):
         resolve_mpp({"aperio.MPP": "n/a"}, "s.svs")
+    with pytest.raises(InputError, match="non-square"):
+        resolve_mpp({"philips.DICOM_PIXEL_SPACING": '"0.00025" "0.0005"'}, "s.tiff")
+    # a placeholder y of 0 is ignored, not averaged into half the pixel size
+    placeholder = resolve_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0"}, "s.svs")
+    assert placeholder.mpp == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -163,6 +168,8 @@ def test_bad_override_table(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(InputError, match=message) as err:
         read_mpp_overrides(table)
     assert err.value.source == str(table)
+    with pytest.raises(InputError, match="cannot read MPP override table"):
+        read_mpp_overrides(tmp_path)  # a folder given by mistake
 
 
 # ----------------------------------------------------------------------------------- opening slides
