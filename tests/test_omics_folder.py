@@ -191,7 +191,8 @@ def test_outputs_contract_and_generated_splits(demo: dict, tmp_path: Path) -> No
 
 def test_slide_list_and_split_files(demo: dict, tmp_path: Path) -> None:
     listing = tmp_path / "slides.txt"
-    listing.write_text(f"# slides\n/some/where/{slide_name(1)}\n{slide_name(4)}\n\n")
+    normal = f"{pid(2)}-11A-01-TS1.{UUID}.svs"  # a frozen section of normal tissue
+    listing.write_text(f"# slides\n/some/where/{slide_name(1)}\n{slide_name(4)}\n{normal}\n\n")
     patients = sorted(pid(i) for i in [1, 2, 3, 4, 5, 8, *demo["filler"]])
     splits = tmp_path / "splits"
     splits.mkdir()
@@ -204,6 +205,8 @@ def test_slide_list_and_split_files(demo: dict, tmp_path: Path) -> None:
                 "--splits", str(splits), "-o", str(out)]) == 0
     m = pd.read_parquet(out / "manifest.parquet").set_index("patient")
     assert m["has_wsi"].sum() == 2 and m.at[pid(1), "has_wsi"] and not m.at[pid(2), "has_wsi"]
+    why = "not a tumour sample (sample type 11): not used"
+    assert list(m.at[pid(2), "failed_slides"]) == [f"{normal[:-4]}: {why}"]
     s = pd.read_parquet(out / "splits.parquet")
     assert set(s.loc[(s["fold"] == 1) & (s["role"] == "val"), "patient"]) == set(patients[1::2])
 

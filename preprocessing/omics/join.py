@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from preprocessing.errors import InputError
-from preprocessing.omics.barcodes import describe_rows, slide_patient
+from preprocessing.omics.barcodes import describe_rows, parse_barcode, slide_patient
 from preprocessing.omics.readers import MODALITIES, CohortTables, slide_stem
 from preprocessing.slide_files import SLIDE_SUFFIXES, SlideFolderError, find_slide_files
 from preprocessing.tiles_io import read_tiles
@@ -90,6 +90,17 @@ def _slides_by_patient(stems: Sequence[str], source: str) -> dict[str, list[str]
     return out
 
 
+def _normal_tissue_slides(stems: Iterable[str]) -> dict[str, str]:
+    """Slides whose barcode names a non-tumour sample (normal tissue ``-11A-01-TS1``, controls), with
+    why they are not used: the slide branch learns from tumour, as the omics keep tumour samples."""
+    out = {}
+    for stem in stems:
+        barcode = parse_barcode(stem[:16])
+        if barcode is not None and not barcode.is_tumour:
+            out[stem] = f"not a tumour sample (sample type {barcode.sample_type:02d}): not used"
+    return out
+
+
 def build_manifest(
     tables: CohortTables,
     slide_stems: Sequence[str] | None = None,
@@ -123,6 +134,7 @@ def build_manifest(
                                            f"(e.g. {next(iter(by_patient))}; clinical e.g. {patients[0]})")
         if tiles_dir is not None:
             status = tiles_status([s for p in by_patient if p in known for s in by_patient[p]], tiles_dir)
+        status.update(_normal_tissue_slides(slide_stems))
         orphans = sorted(s for p, stems in by_patient.items() if p not in known for s in stems)
         if orphans:
             log.warning("%d slide(s) of patients without clinical/survival data ignored: %s", len(orphans),
