@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing.atomic import atomic_output
+from preprocessing.atomic import atomic_output, make_parent
 from preprocessing.errors import InputError
 from preprocessing.omics.barcodes import describe_rows
 from preprocessing.omics.join import build_features, build_manifest, list_slide_files, read_slide_list
@@ -194,13 +194,16 @@ def cli(argv: list[str] | None = None) -> int:
         log.warning("%d slide(s) unusable: %s", len(info["failed_slides"]),
                     describe_rows(f"{f['slide']} ({f['reason']})" for f in info["failed_slides"]))
 
+    # everything converted before the first file is written, so that a failure leaves the old set
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    _write_parquet_table(manifest_table(manifest), out / "manifest.parquet")
-    _write_parquet_table(features_table(features), out / "features.parquet")
-    _write_parquet_table(pa.Table.from_pandas(splits, preserve_index=False), out / "splits.parquet")
+    tables_out = {"manifest.parquet": manifest_table(manifest), "features.parquet": features_table(features),
+                  "splits.parquet": pa.Table.from_pandas(splits, preserve_index=False)}
+    summary_text = json.dumps(summary, indent=2) + "\n"
+    make_parent(out / "summary.json")
+    for name, table in tables_out.items():
+        _write_parquet_table(table, out / name)
     with atomic_output(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.write_text(summary_text)
     log.info("%s: %d patients (%d with slides, %d with omics), %d folds -> %s", args.cohort, len(manifest),
              summary["patients_per_modality"]["wsi"], summary["patients_per_modality"]["omics"], n_folds, out)
     return 0
