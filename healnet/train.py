@@ -677,6 +677,9 @@ def run_fold(
     # read once for every member: the bags do not depend on the seed
     resident = resident_bags(dataset, inner_rows, device, workers, training.get("bags_on_device", False))
     n_members = int(training.get("ensemble", 1))
+    if val_rows is not None and int(training.get("average_last_epochs", 0)) > 0:
+        log.warning("average_last_epochs is not used with early_stopping: the best inner-validation "
+                    "epoch is kept")
     members, histories, states = [], [], []
     for member in range(n_members):
         # member i is the model a single run with training.seed + i trains (member 0: this run's)
@@ -800,8 +803,10 @@ def run_fold(
     checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_output(models_dir / f"fold{fold}.pt") as tmp:
         torch.save(checkpoint, tmp)
-    for state in states:
-        state.path.unlink(missing_ok=True)
+    # this fold's saved states, a larger ensemble's left-over members' included
+    for path in [*models_dir.glob(f"unfinished-fold{fold}.pt"),
+                 *models_dir.glob(f"unfinished-fold{fold}-member*.pt")]:
+        path.unlink(missing_ok=True)
     return result
 
 

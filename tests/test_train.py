@@ -891,6 +891,13 @@ def test_a_seed_ensemble_fold_keeps_every_member_and_a_kill_loses_only_the_unfin
     assert steps["n"] == per_member - per_member // 3
     assert sorted(p.name for p in models.iterdir()) == ["fold0.pt"]
     assert_same_outputs([whole, resumed])
+    # rerun with a smaller ensemble: the dropped member's saved state does not stay behind
+    steps.update(n=0, kill_at=per_member + per_member // 3 + 1)
+    with pytest.raises(Killed):
+        run("shrunk", 2)
+    steps.update(n=0, kill_at=None)
+    run("shrunk", 1)
+    assert sorted(p.name for p in (tmp_path / "shrunk" / "models" / "healnet").iterdir()) == ["fold0.pt"]
 
 
 def test_an_ensemble_keeps_its_bags_on_the_device_once_for_all_members(
