@@ -76,7 +76,7 @@ def summarise(folds: pd.DataFrame) -> pd.DataFrame:
         "c_index_mean",
         "c_index_std",
         "c_index_folds",
-        *(f"{m}_{part}" for m in ("ipcw_c_index", "ibs", "td_auc") for part in ("mean", "std")),
+        *(f"{m}_{part}" for m in METRICS[1:] for part in ("mean", "std")),
         *(f"{m}_n" for m in METRICS),
         "n_folds",
     ]
@@ -147,12 +147,15 @@ def paired_cells(row: pd.Series) -> list[str]:
     return [str(row["model"]), against, diff, won]
 
 
-SUMMARY_HEADER = ("model", "setting", "c-index", "IPCW c-index", "integrated Brier", "td AUC", "folds")
+SUMMARY_HEADER = ("model", "setting", "c-index", "IPCW c-index", "integrated Brier", "td AUC",
+                  "Kaplan-Meier Brier", "folds")
 SUMMARY_NOTE = (
     "Mean ± standard deviation over folds (ddof = 0; folds where a metric is undefined are left out). "
-    "Lower is better for the integrated Brier score, higher for the others."
+    "Lower is better for the integrated Brier score, higher for the others. Kaplan-Meier Brier is the "
+    "integrated Brier score of the training patients' Kaplan-Meier curve on the same held-out patients "
+    "and times, a yardstick that ignores every input: a model above it predicts survival worse than that."
 )
-METRIC_PREFIXES = ("c_index", "ipcw_c_index", "ibs", "td_auc")
+METRIC_PREFIXES = METRICS
 
 
 def fewer_folds(defined: int, folds: int) -> str:

@@ -1,4 +1,7 @@
-"""Survival metrics of one fold: c-index, IPCW c-index, integrated Brier score, time-dependent AUC.
+"""Survival metrics of one fold: c-index, IPCW c-index, integrated Brier score, time-dependent AUC,
+and the integrated Brier score of the training patients' Kaplan-Meier curve on the same patients and
+times: a yardstick, since a model whose score is above it predicts survival worse than a curve that
+ignores every input.
 
 All come from scikit-survival. Censoring weights are estimated on the fold's training patients, so
 evaluation is restricted to their follow-up range: test times at or beyond the largest training time
@@ -18,9 +21,10 @@ from sksurv.metrics import (
     cumulative_dynamic_auc,
     integrated_brier_score,
 )
+from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
-METRICS = ("c_index", "ipcw_c_index", "ibs", "td_auc")
+METRICS = ("c_index", "ipcw_c_index", "ibs", "td_auc", "ibs_kaplan_meier")
 
 
 def survival_knots(edges: np.ndarray, n_bins: int, t_max: float) -> np.ndarray:
@@ -127,6 +131,15 @@ def fold_metrics(
             raise ValueError("no evaluation time with both cases and controls")
         return cumulative_dynamic_auc(y_train, y_test, risk, usable)[1]
 
+    def ibs_kaplan_meier() -> float:
+        if len(times) < 2:
+            raise ValueError("fewer than two evaluation times inside both follow-up ranges")
+        km_time, km_surv = kaplan_meier_estimator(train_event, train_time)
+        at = np.searchsorted(km_time, times, side="right") - 1  # the step function; 1 before the first time
+        curve = np.where(at >= 0, km_surv[np.maximum(at, 0)], 1.0)
+        return integrated_brier_score(y_train, y_test, np.tile(curve, (len(test_time), 1)), times)
+
     record("ibs", ibs)
     record("td_auc", td_auc)
+    record("ibs_kaplan_meier", ibs_kaplan_meier)
     return results

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sksurv.nonparametric import kaplan_meier_estimator
 
 from healnet.loss import inverse_frequency_weights, nll_survival_loss, risk_from_logits, survival_from_logits
 from healnet.metrics import fold_metrics, survival_at, survival_knots
@@ -78,11 +79,19 @@ def test_fold_metrics_perfect_ranking_and_undefined_folds() -> None:
     risk = -test_t  # earlier death -> higher risk: perfectly concordant
     surv_fn = lambda times: np.exp(-np.outer(1 / test_t, times))  # noqa: E731
     rows = {r["metric"]: r for r in fold_metrics(train_t, train_e, test_t, test_e, risk, surv_fn)}
-    assert set(rows) == {"c_index", "ipcw_c_index", "ibs", "td_auc"}
+    assert set(rows) == {"c_index", "ipcw_c_index", "ibs", "td_auc", "ibs_kaplan_meier"}
     assert rows["c_index"]["value"] == pytest.approx(1.0)
     assert rows["ipcw_c_index"]["value"] == pytest.approx(1.0)
     assert rows["td_auc"]["value"] == pytest.approx(1.0)
     assert 0 < rows["ibs"]["value"] < 0.25
+    # the Kaplan-Meier yardstick: the training curve given to every test patient as its prediction
+    # scores exactly the reference
+    km_time, km_surv = kaplan_meier_estimator(train_e, train_t)
+    km_fn = lambda times: np.tile([km_surv[km_time <= t][-1] if (km_time <= t).any() else 1.0  # noqa: E731
+                                   for t in times], (30, 1))
+    as_km = {r["metric"]: r for r in fold_metrics(train_t, train_e, test_t, test_e, risk, km_fn)}
+    assert as_km["ibs"]["value"] == pytest.approx(rows["ibs_kaplan_meier"]["value"])
+    assert rows["ibs"]["value"] < rows["ibs_kaplan_meier"]["value"]  # an informative curve beats it
     # no events in the held-out fold: NaN with a note, no exception
     rows = {r["metric"]: r for r in fold_metrics(train_t, train_e, test_t, np.zeros(30, bool), risk, surv_fn)}
     assert np.isnan(rows["c_index"]["value"]) and "no events" in rows["c_index"]["note"]

@@ -176,8 +176,8 @@ def test_tiny_cross_validation_writes_every_output(healnet_run: Path) -> None:
     folds = pd.read_csv(results / "folds.csv")
     assert {"model", "fold", "setting", "metric", "value", "n_patients", "n_events"} <= set(folds.columns)
     assert set(folds["setting"]) == {"full", "omics_only", "wsi_only", "random_half"}
-    assert set(folds["metric"]) == {"c_index", "ipcw_c_index", "ibs", "td_auc"}
-    assert len(folds) == 3 * 4 * 4 and folds.groupby("fold")["n_patients"].first().sum() == N_PATIENTS
+    assert set(folds["metric"]) == {"c_index", "ipcw_c_index", "ibs", "td_auc", "ibs_kaplan_meier"}
+    assert len(folds) == 3 * 4 * 5 and folds.groupby("fold")["n_patients"].first().sum() == N_PATIENTS
     c_index = folds.query("metric == 'c_index' and setting == 'full'")["value"]
     assert c_index.between(0, 1).all()
     # omics_only: the patients without omics (no modality left) are scored with the training median
