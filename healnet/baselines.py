@@ -174,6 +174,8 @@ class EarlyFusionPerceiver(nn.Module):
             x = wsi.float()
             mask = _real_tokens(wsi_mask, wsi)
             if s.fourier_encode:
+                if wsi_coords is None:
+                    raise ValueError("fourier_encode needs wsi_coords")
                 pos = normalise_coords(wsi_coords, mask)
                 x = torch.cat([x, fourier_features(pos, s.num_freq_bands, s.max_freq)], dim=-1)
             tokens.append(self.wsi_proj(x) + self.type_embedding[0])
