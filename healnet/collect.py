@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from healnet.config import TRAINING_RUN_SETTINGS
 from preprocessing.atomic import atomic_output
 from preprocessing.errors import InputError
 
@@ -26,9 +27,24 @@ def parse_folds(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        folds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as err:
         raise InputError("--folds", f"expected comma-separated integers, got {text!r}") from err
+    if len(set(folds)) < len(folds):
+        raise InputError("--folds", f"a fold is named twice in {text!r}")
+    return folds
+
+
+DESCRIBED = {"cohort": "cohort", "model": "model", "training": "training settings",
+             "healnet": "HEALNet settings", "n_bins": "time bins"}
+
+
+def run_description(log: dict[str, Any]) -> dict[str, Any]:
+    """What must be the same for every fold of one model's results: cohort, model and the settings
+    that change what is learnt (not the run settings such as readers, threads or the device)."""
+    training = {k: v for k, v in log.get("training", {}).items() if k not in TRAINING_RUN_SETTINGS}
+    return {"cohort": log.get("cohort"), "model": log.get("model"), "training": training,
+            "healnet": log.get("healnet"), "n_bins": log.get("n_bins")}
 
 
 def _read_fold(folder: Path, fold: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -60,6 +76,16 @@ def collect_folds(results_dir: str | Path, folds: Sequence[int]) -> pd.DataFrame
     if not folds:
         raise InputError("--folds", "no folds given")
     parts = [_read_fold(results_dir / f"fold{k}", k) for k in sorted(folds)]
+    first = run_description(parts[0][2])
+    for k, (metrics_k, _, log_k) in zip(sorted(folds), parts, strict=True):
+        described = run_description(log_k)
+        differs = [DESCRIBED[key] for key in first if described[key] != first[key]]
+        other_model = "model" in metrics_k and set(metrics_k["model"]) != {first["model"]}
+        if other_model and DESCRIBED["model"] not in differs:
+            differs.append(DESCRIBED["model"])
+        if differs:
+            raise InputError(results_dir / f"fold{k}", f"another run than fold {min(folds)}: different "
+                                                       f"{', '.join(differs)}; retrain this fold")
     metrics = pd.concat([p[0] for p in parts], ignore_index=True)
     predictions = pd.concat([p[1] for p in parts], ignore_index=True)
     log = {k: v for k, v in parts[0][2].items() if k not in ("seconds", "folds")}

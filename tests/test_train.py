@@ -774,6 +774,19 @@ def test_folds_trained_as_separate_runs_collect_into_the_all_fold_outputs(
     assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,4"]) == 1
     assert "train fold 4 first" in capsys.readouterr().err
     assert not (model_dir / "folds.csv").exists()
+    # a fold rerun by hand with another learning rate is not joined with the others (another thread
+    # count would be: it changes only how fast a fold trains)
+    shutil.rmtree(model_dir / "fold3")
+    fold1 = model_dir / "fold1" / "log.json"
+    log1 = json.loads(fold1.read_text())
+    fold1.write_text(json.dumps({**log1, "training": {**log1["training"], "threads": 7}}))
+    assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,1,2"]) == 0
+    fold1.write_text(json.dumps({**log1, "training": {**log1["training"], "lr": 0.5}}))
+    capsys.readouterr()
+    assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,1,2"]) == 1
+    assert "fold1: another run than fold 0: different training settings; retrain" in capsys.readouterr().err
+    assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,0,2"]) == 1
+    assert "a fold is named twice" in capsys.readouterr().err
 
 
 class Killed(Exception):
