@@ -36,6 +36,25 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def stop_cleanly_on_sigterm() -> None:
+    """Make SIGTERM (how a cluster ends a job at its time limit, and how Snakemake cancels one) end
+    the command like an exception: ``finally`` blocks and context managers then run, so temporary
+    outputs and a training job's decoded-feature cache are removed. Python's default would end the
+    process without running them. Only in the main thread of the main process (reader processes
+    keep the default)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch ``healnet <command> ...``; returns the process exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -47,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"healnet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s healnet {name} %(levelname)s: %(message)s")
+    stop_cleanly_on_sigterm()
     module = importlib.import_module(SUBCOMMANDS[name][0])
     try:
         return int(module.cli(rest) or 0)

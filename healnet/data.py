@@ -283,7 +283,7 @@ class BagDataset(Dataset):
             features, coords = read_store(path, None, self._arrays)
             try:
                 for file, array in zip(files, (features, coords), strict=True):
-                    with atomic_output(file) as tmp, open(tmp, "wb") as handle:
+                    with atomic_output(file, create_folder=False) as tmp, open(tmp, "wb") as handle:
                         np.save(handle, np.ascontiguousarray(array))
                 arrays = tuple(np.load(f, mmap_mode="r") for f in files)
             except (OSError, ValueError) as err:

@@ -860,7 +860,13 @@ def decoded_feature_cache(root: str | Path | None) -> Iterator[Path | None]:
         log.info("decoded features cached in %s for this run", folder)
         yield Path(folder)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        # Readers of a run ended by an exception (SIGTERM included) may still be writing: once the
+        # folder is gone they cannot make it again, so a few tries remove it for good.
+        for _ in range(20):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not Path(folder).exists():
+                break
+            time.sleep(0.1)
 
 
 def run_cv(

@@ -42,14 +42,16 @@ def make_parent(dest: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(dest: str | Path) -> Iterator[Path]:
+def atomic_output(dest: str | Path, create_folder: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``dest``, on any error it is removed.
 
     Works for files and for directories. An existing ``dest`` is only replaced once the new one is
-    complete.
+    complete. ``create_folder=False`` writes only into a folder that exists (a cache folder that its
+    owner may be removing must not be made again).
     """
     dest = Path(dest)
-    make_parent(dest)
+    if create_folder:
+        make_parent(dest)
     tmp = temporary_sibling(dest)
     try:
         yield tmp

@@ -409,6 +409,35 @@ def test_bags_kept_on_the_device_change_no_number_and_are_read_when_they_do_not_
     assert_same_outputs(outputs)
 
 
+def test_a_job_ended_by_sigterm_removes_its_feature_cache_and_temporary_outputs(
+    cohort: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """SIGTERM is how a cluster ends a job at its time limit; the decoded-feature cache (about 1.8x the
+    stores) must not stay behind, which Python's default handling of SIGTERM would leave."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    omics_dir, features_dir, _ = cohort
+    config = write_config(tmp_path / "long.yaml", workers=1, epochs=10_000)
+    cache = tmp_path / "cache"
+    args = train_args(config, omics_dir, features_dir, tmp_path, "abmil", "--folds", "0", "--feature-cache",
+                      str(cache))
+    job = subprocess.Popen([sys.executable, "-m", "healnet.cli", *args], stderr=subprocess.PIPE, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("healnet-features-*/*")) and time.monotonic() < deadline:
+        if job.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert list(cache.glob("healnet-features-*/*")), job.stderr.read() if job.poll() is not None else ""
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(cache.iterdir()) == []
+    assert not list((tmp_path / "models").rglob("fold0.pt"))
+
+
 def test_feature_cache_none_in_a_config_means_no_cache(
     cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
