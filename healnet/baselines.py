@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from healnet.ensemble import SeedEnsemble
-from healnet.modalities import MODEL_MODALITIES
+from healnet.modalities import MODEL_MODALITIES, READS_HEALNET_SETTINGS
 from healnet.model import (
     LATENT_KEYS,
     HEALNet,
@@ -306,7 +306,7 @@ def model_spec(
         "hidden": training_cfg.get("baseline_hidden", 256),
         "dropout": training_cfg.get("baseline_dropout", 0.25),
     }
-    if name in ("healnet", "perceiver"):
+    if name in READS_HEALNET_SETTINGS:
         kwargs: dict[str, Any] = {k: healnet_cfg[k] for k in LATENT_KEYS if k in healnet_cfg}
         kwargs.update(
             wsi_dim=wsi_dim,

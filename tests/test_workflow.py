@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import time
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from workflow_runner import REPO, SNAKEMAKE, job_counts, snakemake
 
 TINY = {
     "cohorts": {"TINY": {"demo": True}},
     "demo": {"patients": 12, "seed": 3, "long_side_px": 3000, "corrupt_slides": 1},
-    "omics": {"n_folds": 3},
+    "omics": {"n_folds": 3, "n_bins": 3},
     "training": {"epochs": 3, "max_patches_train": 256},
     "healnet": {"depth": 1, "n_latents": 8, "latent_dim": 32},
     "report": {"heatmap_slides": 2},
@@ -40,6 +42,11 @@ def test_whole_dag_runs_and_second_run_does_nothing(tiny_run: Path) -> None:
     assert (tiny_run / "results/TINY/summary.html").read_text(encoding="utf-8").count("<tr") > 5
     for fig in ["km_curves.png", "c_index.png", "attention_wsi.png", "attention_omics.png"]:
         assert (tiny_run / "results/TINY/figures" / fig).stat().st_size > 5000
+    # the models are trained with the configured number of time bins (the omics step's), and a model
+    # not built from the healnet section is not given it (a change there does not retrain it)
+    snn = torch.load(tiny_run / "models/TINY/snn/fold0.pt", weights_only=True)
+    assert snn["time_bins"]["n_bins"] == 3 and len(snn["time_bins"]["edges"]) == 4
+    assert "healnet" not in json.loads((tiny_run / "results/TINY/snn/config.json").read_text())
     again = snakemake(tiny_run, "--cores", "2")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -96,24 +103,33 @@ def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Pa
     retrain."""
     original = (tiny_run / "config.yaml").read_text()
 
-    def dry_run_with(extract: dict, training: dict) -> subprocess.CompletedProcess:
+    def dry_run_with(extract: dict, training: dict, **sections: dict) -> subprocess.CompletedProcess:
         edited = copy.deepcopy(TINY)
         edited.setdefault("extract", {}).update(extract)
         edited["training"].update(training)
+        for name, values in sections.items():
+            edited.setdefault(name, {}).update(values)
         (tiny_run / "config.yaml").write_text(yaml.safe_dump(edited))
         return snakemake(tiny_run, "-n", "--cores", "2")
 
     try:
         tuned = dry_run_with({"workers": 3, "batch_size": 16, "threads": 2},
                              {"workers": 2, "threads": 2, "save_state_minutes": 1, "feature_cache": "/tmp",
-                              "bags_on_device": True})
+                              "bags_on_device": True}, tiling={"on_slide_error": "fail"})
         retrained = dry_run_with({}, {"lr": 0.001})
+        # only the models built from the healnet section, or using modality dropout, retrain
+        shape = dry_run_with({}, {}, healnet={"depth": 2})
+        dropout = dry_run_with({}, {"modality_dropout": 0.25})
+        bins = dry_run_with({}, {}, omics={"n_bins": 2})
     finally:
         (tiny_run / "config.yaml").write_text(original)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "Nothing to be done" in tuned.stdout + tuned.stderr
     jobs = job_counts(retrained.stdout)
     assert jobs["train_fold"] == "15" and "extract" not in jobs
+    assert job_counts(shape.stdout)["train_fold"] == "6" and "model=snn" not in shape.stdout
+    assert job_counts(dropout.stdout)["train_fold"] == "9" and "model=abmil" not in dropout.stdout
+    assert job_counts(bins.stdout)["train_fold"] == "15"
 
 
 def test_corrupt_slide_is_listed_and_its_patient_has_no_slide(tiny_run: Path) -> None:
@@ -174,6 +190,7 @@ def test_planning_a_thousand_slide_cohort_takes_seconds(tmp_path: Path) -> None:
     slides.mkdir()
     for i in range(1000):
         (slides / f"TCGA-ZZ-{i:04d}-01Z-00-DX1.svs").touch()
+    (tmp_path / "omics").mkdir()  # the omics step reads every table in it
     config = {"cohorts": {"BIG": {"slides": str(slides), "omics": str(tmp_path / "omics")}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     start = time.perf_counter()
@@ -196,6 +213,7 @@ def test_slides_in_gdc_download_folders_are_found(tmp_path: Path) -> None:
     (slides / "uuid-0" / "annotations.txt").touch()
     (slides / ".hidden").mkdir()
     (slides / ".hidden" / "TCGA-ZZ-9999-01Z-00-DX1.svs").touch()
+    (tmp_path / "omics").mkdir()  # the omics step reads every table in it
     config = {"cohorts": {"GDC": {"slides": str(slides), "omics": str(tmp_path / "omics")}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     dry = snakemake(tmp_path, "-n", "--cores", "1", "-p")
@@ -215,6 +233,7 @@ def test_a_cohort_named_like_a_tcga_project_is_planned(tmp_path: Path) -> None:
     slides = tmp_path / "slides"
     slides.mkdir()
     (slides / "TCGA-ZZ-0001-01Z-00-DX1.svs").touch()
+    (tmp_path / "omics").mkdir()  # the omics step reads every table in it
     config = {"cohorts": {"TCGA-LUAD": {"slides": str(slides), "omics": str(tmp_path / "omics")}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     dry = snakemake(tmp_path, "-n", "--cores", "1", "--quiet", "rules")
@@ -225,14 +244,19 @@ def test_a_cohort_named_like_a_tcga_project_is_planned(tmp_path: Path) -> None:
 def test_jobs_get_the_configured_models_error_mode_and_files(tmp_path: Path) -> None:
     """Results of a model dropped from `models:` stay on disk, so the report job must name the models
     it plots; extraction records a slide it cannot read, as tiling does; and the files the config
-    names (MPP overrides, weights, stain reference) are inputs, so that editing one reruns its jobs."""
+    names (MPP overrides, weights, stain reference, omic tables, split files) are inputs, so that
+    editing one reruns its jobs."""
     slides = tmp_path / "slides"
     slides.mkdir()
     (slides / "TCGA-ZZ-0001-01Z-00-DX1.svs").touch()
-    files = {name: tmp_path / name for name in ("overrides.csv", "weights.pth", "reference.png")}
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "omics").mkdir()
+    files = {name: tmp_path / name for name in ("overrides.csv", "weights.pth", "reference.png",
+                                                "omics/clinical.tsv", "splits/splits_0.csv")}
     for path in files.values():
         path.touch()
-    config = {"cohorts": {"LUAD": {"slides": str(slides), "omics": str(tmp_path / "omics")}},
+    config = {"cohorts": {"LUAD": {"slides": str(slides), "omics": str(tmp_path / "omics"),
+                                   "splits": str(tmp_path / "splits")}},
               "models": ["snn", "healnet"], "tiling": {"mpp_overrides": str(files["overrides.csv"])},
               "extract": {"weights": str(files["weights.pth"]), "stain_norm": "macenko",
                           "stain_reference": str(files["reference.png"])}}

@@ -17,7 +17,7 @@ _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
 ENCODER = config["extract"]["encoder"]
 from healnet.config import BAGS_ON_DEVICE_SETTING_WORDS, TRAINING_RUN_SETTINGS
-from healnet.modalities import MODEL_MODALITIES
+from healnet.modalities import MODEL_MODALITIES, MULTIMODAL, MULTIMODAL_TRAINING_SETTINGS, READS_HEALNET_SETTINGS
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
 from preprocessing.slide_files import SlideFolderError, find_slide_files
 
@@ -88,10 +88,16 @@ def fold_ids(cohort):
     return list(range(config["omics"]["n_folds"]))
 
 
+@functools.cache
 def cohort_models(cohort):
-    """The configured models that can run on this cohort (no WSI-only model without slides)."""
+    """The configured models that can run on this cohort (no WSI-only model without slides: those
+    are skipped, and Snakemake says so once when it starts). Callers must not modify the list."""
     has_slides = is_demo(cohort) or bool(cohort_config(cohort).get("slides"))
-    return [m for m in config["models"] if has_slides or m not in WSI_ONLY_MODELS]
+    skipped = [m for m in config["models"] if not has_slides and m in WSI_ONLY_MODELS]
+    if skipped:
+        print(f"cohort {cohort} has no slides: {', '.join(skipped)} (slides only) is not trained for it",
+              file=sys.stderr)
+    return [m for m in config["models"] if m not in skipped]
 
 
 def tiles_of(cohort):
@@ -132,9 +138,17 @@ def demo_slide_names():
 
 # ---- omics ------------------------------------------------------------------------------------
 def omics_inputs(wildcards):
-    inputs = {"tiles": tiles_of(wildcards.cohort)}
-    if is_demo(wildcards.cohort):
-        inputs["plan"] = f"data/{wildcards.cohort}/cohort.json"
+    """The omics step reads the tiles (which slides are usable), the cohort's tables and its split
+    files: all inputs, so that a corrected table or split file reruns it and what follows."""
+    c = wildcards.cohort
+    inputs = {"tiles": tiles_of(c)}
+    if is_demo(c):
+        inputs["plan"] = f"data/{c}/cohort.json"
+        return inputs
+    source = Path(str(omics_source(c)))
+    inputs["tables"] = sorted(str(p) for p in source.iterdir() if p.is_file()) if source.is_dir() else [str(source)]
+    splits = cohort_config(c).get("splits")
+    inputs["splits"] = sorted(str(p) for p in Path(splits).glob("splits_*.csv")) if splits else []
     return inputs
 
 
@@ -159,22 +173,28 @@ def omics_args(wildcards):
 
 
 def training_settings(wildcards):
-    """The effective training settings (file + --config overrides, defaults filled in) as JSON: a
-    change reruns training, while a change elsewhere (e.g. report settings, or the run settings
-    above) does not."""
-    return json.dumps(
-        {
-            "cohorts": {wildcards.cohort: cohort_config(wildcards.cohort)},
-            "training": {k: v for k, v in config["training"].items() if k not in TRAINING_RUN_SETTINGS},
-            "healnet": config["healnet"],
-        },
-        sort_keys=True,
-    )
+    """The effective settings one model is trained with (file + --config overrides, defaults filled
+    in) as JSON: a change reruns that model's training, while a change elsewhere (report settings,
+    the run settings above, HEALNet's shape for a model not built from it) does not."""
+    model = wildcards.model
+    training = {
+        k: v
+        for k, v in config["training"].items()
+        if k not in TRAINING_RUN_SETTINGS and (model in MULTIMODAL or k not in MULTIMODAL_TRAINING_SETTINGS)
+    }
+    settings = {
+        "cohorts": {wildcards.cohort: cohort_config(wildcards.cohort)},
+        "omics": {"n_bins": config["omics"]["n_bins"]},  # training fits its own bins: it needs the count
+        "training": training,
+    }
+    if model in READS_HEALNET_SETTINGS:
+        settings["healnet"] = config["healnet"]
+    return json.dumps(settings, sort_keys=True)
 
 
 def train_inputs(wildcards):
     return {
-        "config": f"results/{wildcards.cohort}/config.json",
+        "config": f"results/{wildcards.cohort}/{wildcards.model}/config.json",
         "manifest": f"omics/{wildcards.cohort}/manifest.parquet",
         "features": f"omics/{wildcards.cohort}/features.parquet",
         "splits": f"omics/{wildcards.cohort}/splits.parquet",

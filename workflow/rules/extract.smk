@@ -47,7 +47,6 @@ rule extract:
         device=config["extract"]["device"],
         dtype=config["extract"]["dtype"],
         max_bad=config["extract"]["max_bad_patch_fraction"],
-        on_error=config["tiling"]["on_slide_error"],
         options=" ".join(
             [
                 optional_flag("--weights", config["extract"]["weights"]),
@@ -63,6 +62,7 @@ rule extract:
         # run settings (see common.smk): resources, not params, so that changing them re-extracts nothing
         readers=config["extract"]["workers"],
         patches_per_batch=config["extract"]["batch_size"],
+        on_slide_error=config["tiling"]["on_slide_error"],  # as for tiling: switching it reruns nothing
     conda:
         "../../envs/slides.yaml"
     shell:
@@ -70,4 +70,4 @@ rule extract:
         " --encoder {wildcards.encoder} --encoder-file {input.encoder:q} {params.options}"
         " --device {params.device} --dtype {params.dtype} --max-bad-patch-fraction {params.max_bad}"
         " --batch-size {resources.patches_per_batch} --workers {resources.readers}"
-        " --threads {threads} --on-slide-error {params.on_error} > {log:q} 2>&1"
+        " --threads {threads} --on-slide-error {resources.on_slide_error} > {log:q} 2>&1"

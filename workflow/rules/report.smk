@@ -9,6 +9,7 @@ rule report:
         cindex=figure("c_index.png", "c_index.rst", "c-index per model"),
         wsi=figure("attention_wsi.png", "attention_wsi.rst", "HEALNet attention on slides"),
         omics=figure("attention_omics.png", "attention_omics.rst", "HEALNet attention on omic features"),
+        logrank="results/{cohort}/logrank.csv",
         failed=report(
             "results/{cohort}/failed_slides.csv",
             caption="../report/failed_slides.rst",

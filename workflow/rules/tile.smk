@@ -21,7 +21,7 @@ rule tile:
         "benchmarks/out/{cohort}/tile/{slide}.tsv"
     params:
         healnet=HEALNET,
-        t=config["tiling"],
+        t={k: v for k, v in config["tiling"].items() if k != "on_slide_error"},
         options=" ".join(
             [
                 optional_flag("--mpp-overrides", config["tiling"]["mpp_overrides"]),
@@ -32,10 +32,14 @@ rule tile:
     resources:
         mem_mb=2000,
         runtime=10,
+        # what becomes of a slide that fails, not what a good slide gives: a resource, not a param, so
+        # that switching it re-tiles nothing (a slide recorded as failed is retried once its tiles
+        # file is deleted)
+        on_slide_error=config["tiling"]["on_slide_error"],
     conda:
         "../../envs/slides.yaml"
     shell:
         "{params.healnet} tile {input.slide:q} -o {output.tiles:q} --qc {output.qc:q}"
         " --target-mpp {params.t[target_mpp]} --patch-size {params.t[patch_size]}"
         " --min-tissue-fraction {params.t[min_tissue_fraction]} {params.options}"
-        " --on-error {params.t[on_slide_error]} > {log:q} 2>&1"
+        " --on-error {resources.on_slide_error} > {log:q} 2>&1"

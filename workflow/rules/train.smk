@@ -1,11 +1,12 @@
 # One job per cohort x model: every fold trained and scored (full and missing-modality settings).
 
 
+# The settings each model is trained with, as its training jobs read them (see training_settings).
 rule config_snapshot:
     output:
-        "results/{cohort}/config.json",
+        "results/{cohort}/{model}/config.json",
     log:
-        "logs/{cohort}/config_snapshot.log",
+        "logs/{cohort}/config_snapshot/{model}.log",
     params:
         text=training_settings,
     threads: 1
