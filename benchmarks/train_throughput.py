@@ -159,7 +159,7 @@ def two_epochs(
         resident = resident_bags(dataset, rows, device, workers, training["bags_on_device"])
         history = train_model(model, dataset, rows, None, {**training, "epochs": 2}, device, 0, workers, None,
                               resident=resident)
-        record = {**history[1], "first": history[0]}
+        record = {**history[1], "first": history[0], "workers": workers}
         if resident is not None:
             record["bags_on_device_seconds"] = resident.load_seconds
         n_patches = np.array([sum(s.n for s in bag) for bag in cohort.bags if bag])
@@ -202,7 +202,11 @@ def report(name: str, record: dict[str, Any]) -> None:
         + ("" if record["cached_loader_patients_per_s"] is None else
            f" (filling the decoded cache); {record['cached_loader_patients_per_s']:.1f} patients/s from it")
     )
-    line = f"[{name}] peak RSS: main process {self_rss:.2f} GiB, largest worker {child_rss:.2f} GiB"
+    # RUSAGE_CHILDREN also counts processes started while torch was imported (about 0.4 GiB here),
+    # so it bounds the readers from above, and says nothing when there are none
+    line = f"[{name}] peak RSS: main process {self_rss:.2f} GiB"
+    if record.get("workers"):
+        line += f", largest child process (readers, or a helper torch started) {child_rss:.2f} GiB"
     if "cuda_max_allocated_gb" in record:
         line += f", CUDA max allocated {record['cuda_max_allocated_gb']:.2f} GiB"
     print(line, flush=True)
