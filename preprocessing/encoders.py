@@ -153,7 +153,9 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
     expected = model.state_dict()
     state = {k: v for k, v in state.items()
              if k in expected or not any(k.startswith(p) for p in drop_prefixes)}
-    missing = [k for k in expected if k not in state]
+    # BatchNorm's batch counter does nothing in eval mode, and older files (torchvision's ResNet-50,
+    # which CLAM uses) do not hold it: torch's own strict loading fills it in too
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         parts = []
@@ -163,7 +165,7 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
         raise InputError(source, "weights do not fit the model: " + "; ".join(parts))
     for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
+        if key in state and tuple(state[key].shape) != tuple(tensor.shape):
             raise InputError(source, f"shape mismatch for {key}: file {tuple(state[key].shape)}, "
                                      f"model {tuple(tensor.shape)}")
     model.load_state_dict(state, strict=True)
@@ -294,6 +296,18 @@ def _drop_prefixes(spec: _Spec, model: nn.Module) -> tuple[str, ...]:
     return spec.drop_prefixes + tuple(f"{h}." for h in heads)
 
 
+def output_width(model: nn.Module, height: int, width: int) -> int:
+    """The width of the features ``model`` returns, from one forward pass: some timm models (e.g.
+    MobileNetV3) run a head layer after the part ``num_features`` describes, so that attribute can be
+    narrower than what they output."""
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, height, width))
+    if out.ndim != 2:
+        raise InputError("--encoder", f"gives outputs of shape {tuple(out.shape)}, not one feature vector "
+                                      "per patch")
+    return int(out.shape[1])
+
+
 def build_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None,
                   allow_random: bool = False) -> Encoder:
     """Build encoder ``name`` in eval mode on CPU with its weights.
@@ -318,7 +332,13 @@ def build_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None
     elif spec.default_weights is not None:
         if spec.adapt is not None:
             model = spec.adapt(model)
-        source, sha = spec.default_weights(model)
+        try:
+            source, sha = spec.default_weights(model)
+        except InputError as err:
+            if not allow_random:
+                raise
+            log.warning("%s; using RANDOM weights as --allow-random-weights asks", err)
+            source, sha = RANDOM, None
     else:
         try:
             model, source, sha = _hub_weights(spec)
@@ -333,7 +353,8 @@ def build_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None
     config = _timm().data.resolve_data_config({}, model=model)
     _, height, width = config["input_size"]
     return Encoder(
-        name=name, model=model, feature_dim=int(model.num_features), input_size=(int(height), int(width)),
+        name=name, model=model, feature_dim=output_width(model, int(height), int(width)),
+        input_size=(int(height), int(width)),
         mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
         interpolation=str(config.get("interpolation", "bilinear")), weights_source=source, weights_sha256=sha,
         weights_given=weights is not None,

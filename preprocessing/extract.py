@@ -287,6 +287,9 @@ class _RowWriter:
         self.written = 0
 
     def append(self, rows: np.ndarray) -> None:
+        if rows.shape[1:] != self.array.shape[1:]:  # zarr would silently keep only the first columns
+            raise RuntimeError(f"feature rows of shape {rows.shape[1:]} for a store of "
+                               f"{self.array.shape[1:]}")
         self.buffer.append(rows)
         self.buffered += len(rows)
         if self.buffered >= self.chunk_rows:

@@ -104,6 +104,12 @@ def test_local_weights_load_into_resnet50_trunc(tmp_path):
     with torch.inference_mode():
         out = encoder.model(torch.zeros(1, 3, 64, 64))
     assert encoder.feature_dim == out.shape[1] == 1024
+    # torchvision's older files (the ResNet-50 CLAM uses) hold no BatchNorm batch counters; torch's
+    # own strict loading accepts them, and so must we
+    old_format = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old_format, tmp_path / "resnet50-old.pth")
+    assert len(old_format) < len(state)
+    assert build_encoder("resnet50_trunc", weights=tmp_path / "resnet50-old.pth").feature_dim == 1024
 
 
 def test_weights_that_do_not_fit_are_input_errors(tmp_path):
@@ -152,6 +158,15 @@ def test_timm_weights_that_cannot_be_fetched_fail_unless_random_is_allowed(no_hu
     # random weights are seeded, so a rerun of a random-weight extraction gives the same features
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
                                                  second.model.state_dict().values(), strict=True))
+
+
+def test_feature_dim_is_what_the_model_outputs(no_hub):
+    """MobileNetV3 runs a head layer after the part timm's num_features describes (960 wide): the
+    stores must be sized by the real output (1,280), or zarr would keep only its first columns."""
+    encoder = build_encoder("mobilenetv3_large_100", allow_random=True)
+    with torch.inference_mode():
+        out = encoder.model(torch.zeros(1, 3, *encoder.input_size))
+    assert encoder.feature_dim == out.shape[1] == 1280 and encoder.model.num_features == 960
 
 
 def test_rgba_is_composited_on_white():
