@@ -86,6 +86,10 @@ def plot_km_curves(predictions: pd.DataFrame, path: Path, setting: str = "full")
     rows = []
     for ax, model in zip(axes.flat, models, strict=False):
         p = preds[preds["model"] == model]
+        # a patient the model could not score (no modality it reads) got the training median as a
+        # stand-in risk: it belongs to neither predicted group
+        unscored = p["imputed"].to_numpy(bool) if "imputed" in p else np.zeros(len(p), bool)
+        p = p[~unscored]
         high = p["risk"].to_numpy() > p["train_median_risk"].to_numpy()
         for mask, label, colour in [(~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")]:
             if mask.any():
@@ -97,14 +101,15 @@ def plot_km_curves(predictions: pd.DataFrame, path: Path, setting: str = "full")
         if high.any() and (~high).any():
             pval = logrank_test(t[high], t[~high], e[high], e[~high]).p_value
         rows.append({"model": model, "n_high": int(high.sum()), "n_low": int((~high).sum()),
-                     "logrank_p": pval})
+                     "n_unscored": int(unscored.sum()), "logrank_p": pval})
         ax.set_title(f"{model}: log-rank p = {pval:.3g}")
         ax.set_xlabel("time (months)")
         ax.set_ylabel("survival probability")
         ax.set_ylim(0, 1.05)
     for ax in list(axes.flat)[len(models):]:
         ax.axis("off")
-    fig.suptitle("Held-out patients split at the training-median predicted risk")
+    fig.suptitle("Held-out patients split at the training-median predicted risk "
+                 "(patients a model could not score left out)")
     save_figure(fig, path)
     return pd.DataFrame(rows)
 

@@ -56,6 +56,7 @@ SHARE_NO_SLIDE = SHARE_NO_OMICS = SHARE_TWO_SLIDES = 0.1
 SHARE_40X = 0.6
 SHARE_PEN = SHARE_PALE = 0.3
 CORRUPT_KINDS = ("truncated", "garbage", "html")
+PENDING = ".slides-being-written.json"  # in the cohort folder while a run writes its slides
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ def slide_files(plan: DemoPlan) -> list[str]:
     return [s.file_name for s in plan.slides]
 
 
-def _validate(patients: int, long_side_px: int, corrupt_slides: int) -> None:
+def _validate(patients: int, long_side_px: int, corrupt_slides: int, seed: int = 0) -> None:
+    if seed < 0:
+        raise InputError("--seed", f"{seed} is negative; a seed is a whole number from 0")
     if patients < MIN_PATIENTS:
         raise InputError("--patients", f"{patients} is too few; a demo cohort needs at least {MIN_PATIENTS}")
     if not MIN_LONG_SIDE <= long_side_px <= MAX_LONG_SIDE:
@@ -124,7 +127,7 @@ def plan_cohort(patients: int, seed: int, long_side_px: int = 20000, corrupt_sli
     Separate random streams for identities, omics, survival, slides and corrupt files mean that
     ``long_side_px`` and ``corrupt_slides`` change only the slides, not the patients or tables.
     """
-    _validate(patients, long_side_px, corrupt_slides)
+    _validate(patients, long_side_px, corrupt_slides, seed)
     n = patients
     streams = np.random.SeedSequence(seed).spawn(6)
     r_ids, r_clin, r_omics, r_surv, r_slides, r_corrupt = (np.random.default_rng(s) for s in streams)
@@ -293,14 +296,23 @@ def generate(out_dir: str | Path, patients: int, seed: int, long_side_px: int = 
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
     record_path = out / "cohort.json"
+    # The slides of earlier cohorts written here: those of the finished one (cohort.json) and those
+    # an interrupted run was writing (PENDING, written before its first slide and removed after
+    # cohort.json), so that an interruption cannot leave a foreign slide behind.
+    pending_path = out / PENDING
     stale: set[str] = set()
-    if record_path.exists():
+    for path in (record_path, pending_path):
         try:
-            stale = set(json.loads(record_path.read_text()).get("slide_files", []))
+            stale |= set(json.loads(path.read_text()).get("slide_files", []))
         except (OSError, ValueError):
-            stale = set()
-        record_path.unlink()
-    (out / "slides").mkdir(parents=True, exist_ok=True)
+            pass
+    try:
+        (out / "slides").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(out, f"cannot create the cohort folder ({err.strerror or err})") from None
+    record_path.unlink(missing_ok=True)
+    with atomic_output(pending_path) as tmp:
+        tmp.write_text(json.dumps({"slide_files": sorted(stale | set(slide_files(plan)))}) + "\n")
     write_tables(plan, out)
     for name in stale - set(slide_files(plan)):
         (out / "slides" / name).unlink(missing_ok=True)
@@ -328,6 +340,7 @@ def generate(out_dir: str | Path, patients: int, seed: int, long_side_px: int = 
 
     with atomic_output(record_path) as tmp:
         tmp.write_text(json.dumps(cohort_record(plan), indent=1) + "\n")
+    pending_path.unlink(missing_ok=True)
     return plan
 
 

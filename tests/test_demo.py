@@ -16,6 +16,7 @@ import pytest
 from scipy.stats import spearmanr
 from sksurv.metrics import concordance_index_censored
 
+import preprocessing.demo as demo_module
 from healnet.cli import main as healnet_main
 from preprocessing.demo import DemoPlan, generate, plan_cohort, slide_files, write_tables
 from preprocessing.demo_omics import CNV_GENES, MUTATION_RATES, OMIC_SIGNAL, RNA_GENES
@@ -163,6 +164,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
         plan_cohort(10, 0, long_side_px=100)
     with pytest.raises(InputError, match="corrupt"):
         plan_cohort(10, 0, corrupt_slides=50)
+    with pytest.raises(InputError, match="--seed: -1 is negative"):
+        plan_cohort(10, -1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = ["--patients", "6", "--long-side-px", "2048"]
+    assert healnet_main(["demo", "--out", str(blocker / "x"), *args]) == 1
+    assert "\n" not in capsys.readouterr().err.strip()
     assert healnet_main(["demo", "--out", str(tmp_path / "x"), "--patients", "3"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("healnet demo: error: --patients:") and "\n" not in err
@@ -307,6 +315,18 @@ def test_rerun_in_same_folder_removes_the_old_cohorts_slides(tmp_path: Path) -> 
     second = generate(out, 6, 2, long_side_px=2048, workers=1)
     assert sorted(p.name for p in (out / "slides").iterdir()) == sorted(slide_files(second))
     assert not set(slide_files(first)) & set(slide_files(second))
+
+    # a run interrupted while writing its slides (no cohort.json yet) leaves no foreign slide either
+    def interrupted(spec: object, path: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo_module, "_slide_job", interrupted)
+        (out / "slides" / slide_files(first)[0]).write_bytes(b"half a slide of seed 1")
+        with pytest.raises(KeyboardInterrupt):
+            generate(out, 6, 1, long_side_px=2048, workers=1)
+    generate(out, 6, 3, long_side_px=2048, workers=1)
+    assert sorted(p.name for p in (out / "slides").iterdir()) == sorted(slide_files(plan_cohort(6, 3, 2048)))
 
 
 def test_real_aperio_slide_reads_like_the_demo_slides(shared_data: Path,

@@ -725,6 +725,23 @@ def test_failed_slides_lists_a_slide_whose_extraction_was_recorded_as_failed(tmp
     assert failed_slides(tmp_path / "tiles").empty  # without the stores, tiling saw nothing wrong
 
 
+def test_kaplan_meier_groups_hold_only_patients_the_model_scored(tmp_path: Path) -> None:
+    """A patient without any modality the model reads got the training median as a stand-in risk;
+    counted in the low-risk group it would bend that curve and the log-rank test."""
+    from healnet.report import plot_km_curves
+
+    rng = np.random.default_rng(0)
+    n = 30
+    preds = pd.DataFrame({"model": "snn", "setting": "full", "risk": rng.normal(size=n),
+                          "train_median_risk": 0.0, "time": rng.uniform(1, 50, n),
+                          "event": rng.integers(0, 2, n), "imputed": np.arange(n) < 6})
+    preds.loc[preds["imputed"], "risk"] = 0.0
+    table = plot_km_curves(preds, tmp_path / "km.png").iloc[0]
+    scored = preds[~preds["imputed"]]
+    assert (table["n_high"], table["n_low"], table["n_unscored"]) == (
+        int((scored["risk"] > 0).sum()), int((scored["risk"] <= 0).sum()), 6)
+
+
 def test_the_attention_figure_draws_one_slide_per_chosen_patient_in_risk_order() -> None:
     """Panels arrive per slide in fold order; a patient with two slides in the first fold must not
     push the lowest-risk patient out of the figure."""
