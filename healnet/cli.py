@@ -40,8 +40,8 @@ def stop_cleanly_on_sigterm() -> None:
     """Make SIGTERM (how a cluster ends a job at its time limit, and how Snakemake cancels one) end
     the command like an exception: ``finally`` blocks and context managers then run, so temporary
     outputs and a training job's decoded-feature cache are removed. Python's default would end the
-    process without running them. Only in the main thread of the main process (reader processes
-    keep the default)."""
+    process without running them. Set from the main thread only; reader processes forked later
+    inherit it, so a SIGTERM there ends that reader the same way."""
     import signal
     import threading
 
