@@ -132,6 +132,17 @@ def test_generated_splits_survive_tiny_cohorts() -> None:
                              "time": [1.0, 2, 3, 4, 5, 6], "event": [1, 0, 0, 0, 0, 0]})
     splits = generate_splits(manifest, n_folds=3, seed=0)
     check_splits(splits, manifest["patient"])
+    # fewer deaths than folds: each death still goes to a different held-out fold (a plain K-fold
+    # bunched them, leaving more folds without a death and so without a c-index)
+    rng = np.random.default_rng(0)
+    few = pd.DataFrame({"patient": [f"TCGA-AA-{i:04d}" for i in range(40)], "time": rng.uniform(1, 50, 40),
+                        "event": (np.arange(40) % 10 == 0).astype(int)})
+    for seed in range(20):
+        val = generate_splits(few, n_folds=5, seed=seed).query("role == 'val'")
+        deaths = val.merge(few, on="patient").groupby("fold")["event"].sum()
+        assert sorted(deaths) == [0, 1, 1, 1, 1]
+    one_class = few.assign(event=0)
+    check_splits(generate_splits(one_class, n_folds=5, seed=0), one_class["patient"])
 
 
 def _cox_score_z_by_hand(x: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:

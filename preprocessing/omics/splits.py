@@ -5,7 +5,9 @@ or 'val'); every manifest patient appears exactly once per fold.
 
 Generated folds: scikit-learn's shuffled ``StratifiedKFold`` on strata = event x time bin (the
 cohort's :class:`TimeBins`, used only to balance folds). When a stratum has fewer patients than
-folds, the number of time bins is reduced, down to event only, then a plain shuffled K-fold.
+folds, the number of time bins is reduced, down to event only; when even an event class has fewer
+patients than folds, the folds are still stratified by event (each death in a different fold, as
+far as they go); a plain shuffled K-fold only when every patient has the same event status.
 
 Read folds (``splits_{k}.csv``, k = 0..K-1, columns ``train`` and ``val`` of case ids, empty cells
 padding the shorter column): a case id not in the manifest, a patient on both sides, or a manifest
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,8 +67,16 @@ def generate_splits(manifest: pd.DataFrame, n_folds: int = 5, seed: int = 0, n_b
     time = manifest["time"].to_numpy()[order]
     event = manifest["event"].to_numpy()[order]
     strata = stratification_labels(time, event, n_bins, n_folds)
-    if strata is None:
-        log.warning("too few patients per event class for stratified folds; using a plain shuffled K-fold")
+    if strata is None and len(np.unique(event)) == 2:
+        # fewer deaths (or survivors) than folds: still spread them one per fold, as far as they go,
+        # so that as many held-out folds as possible have a death to score
+        log.warning("fewer patients in an event class than folds: folds stratified by event only, and "
+                    "some held-out folds have no death (their c-index is undefined)")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(patients, event))
+    elif strata is None:
+        log.warning("every patient has the same event status: folds are a plain shuffled K-fold")
         folds = KFold(n_folds, shuffle=True, random_state=seed).split(patients)
     else:
         folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(patients, strata)
