@@ -7,7 +7,8 @@ Generated folds: scikit-learn's shuffled ``StratifiedKFold`` on strata = event x
 cohort's :class:`TimeBins`, used only to balance folds). When a stratum has fewer patients than
 folds, the number of time bins is reduced, down to event only; when even an event class has fewer
 patients than folds, the folds are still stratified by event (each death in a different fold, as
-far as they go); a plain shuffled K-fold only when every patient has the same event status.
+far as they go); a plain shuffled K-fold only when every patient has the same event status or
+both classes are smaller than the number of folds.
 
 Read folds (``splits_{k}.csv``, k = 0..K-1, columns ``train`` and ``val`` of case ids, empty cells
 padding the shorter column): a case id not in the manifest, a patient on both sides, or a manifest
@@ -67,7 +68,8 @@ def generate_splits(manifest: pd.DataFrame, n_folds: int = 5, seed: int = 0, n_b
     time = manifest["time"].to_numpy()[order]
     event = manifest["event"].to_numpy()[order]
     strata = stratification_labels(time, event, n_bins, n_folds)
-    if strata is None and len(np.unique(event)) == 2:
+    classes = np.unique(event, return_counts=True)[1]
+    if strata is None and len(classes) == 2 and classes.max() >= n_folds:  # scikit-learn's requirement
         # fewer deaths (or survivors) than folds: still spread them one per fold, as far as they go,
         # so that as many held-out folds as possible have a death to score
         log.warning("fewer patients in an event class than folds: folds stratified by event only, and "
@@ -76,7 +78,7 @@ def generate_splits(manifest: pd.DataFrame, n_folds: int = 5, seed: int = 0, n_b
             warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
             folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(patients, event))
     elif strata is None:
-        log.warning("every patient has the same event status: folds are a plain shuffled K-fold")
+        log.warning("too few patients per event class to stratify: folds are a plain shuffled K-fold")
         folds = KFold(n_folds, shuffle=True, random_state=seed).split(patients)
     else:
         folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(patients, strata)
