@@ -155,7 +155,6 @@ SUMMARY_NOTE = (
     "integrated Brier score of the training patients' Kaplan-Meier curve on the same held-out patients "
     "and times, a yardstick that ignores every input: a model above it predicts survival worse than that."
 )
-METRIC_PREFIXES = METRICS
 
 
 def fewer_folds(defined: int, folds: int) -> str:
@@ -168,7 +167,7 @@ def summary_cells(row: pd.Series) -> list[str]:
     metrics = [
         "n/a" if not np.isfinite(row[f"{m}_mean"])
         else f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" + fewer_folds(row[f"{m}_n"], row["n_folds"])
-        for m in METRIC_PREFIXES
+        for m in METRICS
     ]
     return [str(row["model"]), str(row["setting"]), *metrics, str(row["n_folds"])]
 

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from healnet.evaluate import read_folds  # noqa: E402
 from preprocessing.atomic import atomic_output  # noqa: E402
 from preprocessing.errors import InputError  # noqa: E402
 from preprocessing.tiles_io import read_tiles  # noqa: E402
@@ -57,14 +58,6 @@ def load_predictions(results_dir: Path, models: list[str]) -> pd.DataFrame:
             raise InputError(path, "missing: train this model first")
         frames.append(pd.read_parquet(path).assign(model=model))
     return pd.concat(frames, ignore_index=True)
-
-
-def load_fold_table(results_dir: Path, model: str) -> pd.DataFrame:
-    """One model's per-fold metrics (``folds.csv``)."""
-    path = results_dir / model / "folds.csv"
-    if not path.exists():
-        raise InputError(path, "missing: train this model first")
-    return pd.read_csv(path)
 
 
 def plot_km_curves(predictions: pd.DataFrame, path: Path, setting: str = "full") -> pd.DataFrame:
@@ -197,7 +190,7 @@ def cli(argv: list[str] | None = None) -> int:
         raise InputError(args.results_dir, "no trained model results (*/predictions.parquet)")
     args.out.mkdir(parents=True, exist_ok=True)
     predictions = load_predictions(args.results_dir, models)
-    folds = pd.concat([load_fold_table(args.results_dir, m) for m in models], ignore_index=True)
+    folds = read_folds(args.results_dir, models)
     logrank = plot_km_curves(predictions, args.out / "km_curves.png")
     write_csv(logrank, args.results_dir / "logrank.csv")
     plot_c_index(folds, args.out / "c_index.png")

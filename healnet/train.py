@@ -67,7 +67,7 @@ from healnet.data import (
     make_loader,
 )
 from healnet.ensemble import SeedEnsemble, fold_seed
-from healnet.loss import inverse_frequency_weights, nll_survival_loss, survival_from_logits
+from healnet.loss import inverse_frequency_weights, nll_survival_loss, risk_from_logits, survival_from_logits
 from healnet.metrics import fold_metrics, survival_at, survival_knots
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
 from preprocessing.atomic import atomic_output
@@ -314,7 +314,7 @@ def _inner_val_score(dataset: BagDataset, rows: np.ndarray, logits: np.ndarray, 
     """What early stopping ranks epochs by: the inner-validation c-index, or, where it is undefined
     (a small split without a comparable pair), minus the validation NLL, so that the kept epoch is
     still the best on held-out data rather than the first one."""
-    risk = -survival_from_logits(torch.from_numpy(logits)).sum(-1).numpy()
+    risk = risk_from_logits(torch.from_numpy(logits)).numpy()
     c = _c_index(dataset.times[rows], dataset.events[rows], risk)
     if np.isfinite(c):
         return {"inner_val_c_index": c, "score": c}
@@ -680,16 +680,16 @@ def run_fold(
     if val_rows is not None and int(training.get("average_last_epochs", 0)) > 0:
         log.warning("average_last_epochs is not used with early_stopping: the best inner-validation "
                     "epoch is kept")
-    members, histories, states = [], [], []
+    members, histories = [], []
     for member in range(n_members):
         # member i is the model a single run with training.seed + i trains (member 0: this run's)
         m_seed = fold_seed(int(training["seed"]), fold, member)
         suffix = f"-member{member}" if member else ""
-        states.append(UnfinishedState(
+        unfinished = UnfinishedState(
             models_dir / f"unfinished-fold{fold}{suffix}.pt",
             60.0 * float(training["save_state_minutes"]),
             training_fingerprint(spec, training, device, m_seed, dataset, inner_rows, val_rows),
-        ))
+        )
         torch.manual_seed(m_seed)
         members.append(build_model(spec).to(device))
         histories.append(train_model(
@@ -703,7 +703,7 @@ def run_fold(
             workers,
             weights,
             model_name in MULTIMODAL,
-            states[-1],
+            unfinished,
             keep_final=n_members > 1,
             resident=resident,
         ))
