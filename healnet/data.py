@@ -123,17 +123,21 @@ class SlideStore:
 
 
 def open_store(path: Path) -> SlideStore:
-    """Open a store's metadata; InputError if it is unreadable, unfinished or malformed."""
+    """Open a store's metadata; InputError if it is unreadable, unfinished or malformed, each with
+    the same advice as a store whose chunks no longer decode."""
     try:
         group = zarr.open_group(str(path), mode="r")
         feats, coords = group["features"], group["coords"]
     except Exception as err:  # noqa: BLE001 - any failure to open means a bad store
-        raise InputError(path, f"not a readable feature store: {err}") from err
+        raise InputError(path, f"not a readable feature store ({_one_line(err)}); {REEXTRACT}") from err
     if group.attrs.get("complete") is not True:
-        raise InputError(path, "feature store is not marked complete (interrupted extraction?)")
+        raise InputError(
+            path, f"feature store is not marked complete (interrupted extraction?); {REEXTRACT}"
+        )
     if feats.ndim != 2 or coords.ndim != 2 or coords.shape != (feats.shape[0], 2):
         raise InputError(
-            path, f"expected features N x D and coords N x 2, got {feats.shape} and {coords.shape}"
+            path,
+            f"expected features N x D and coords N x 2, got {feats.shape} and {coords.shape}; {REEXTRACT}",
         )
     return SlideStore(Path(path), int(feats.shape[0]), int(feats.shape[1]))
 
@@ -171,11 +175,17 @@ def index_stores(
     return bags, (next(iter(dims)) if dims else None)
 
 
+REEXTRACT = "delete the store and rerun extraction"
+
+
+def _one_line(err: Exception) -> str:
+    """``Type: message`` with the message's line breaks and runs of spaces collapsed."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 def damaged_store(path: Path, err: Exception) -> InputError:
     """The one-line error for a feature store that exists but cannot be read, and how to recover."""
-    reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
-    advice = "delete the store and rerun extraction"
-    return InputError(path, f"cannot read its patch features ({reason}); {advice}")
+    return InputError(path, f"cannot read its patch features ({_one_line(err)}); {REEXTRACT}")
 
 
 def read_store(

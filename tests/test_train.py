@@ -595,6 +595,15 @@ def test_bad_inputs_are_one_line_errors(
     assert healnet_main(train_args(config, omics_dir, broken, tmp_path, "abmil")) == 1
     err = capsys.readouterr().err
     assert stem in err and "not marked complete" in err and len(err.strip().splitlines()) == 1
+    assert "delete the store and rerun extraction" in err
+    # metadata that is no longer JSON (a half-copied store) gets the same advice
+    shutil.rmtree(broken / stem)
+    shutil.copytree(features_dir / stem, broken / stem)
+    (broken / stem / "zarr.json").write_text("{oops")
+    assert healnet_main(train_args(config, omics_dir, broken, tmp_path, "abmil")) == 1
+    err = capsys.readouterr().err
+    assert stem in err and "not a readable feature store" in err and len(err.strip().splitlines()) == 1
+    assert "delete the store and rerun extraction" in err
 
 
 @pytest.mark.parametrize("workers", [0, 1])
