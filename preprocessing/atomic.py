@@ -41,13 +41,31 @@ def make_parent(dest: str | Path) -> None:
         raise InputError(dest, f"cannot create its folder: {why}") from None
 
 
+def _check_replaceable(dest: Path, new: Path) -> None:
+    """InputError unless ``new`` may replace ``dest``: a file replaces a file, and a folder replaces
+    an empty folder or an earlier output of its kind (one that shares a top-level name with it, such
+    as a Zarr store's ``zarr.json``). A mistyped ``-o`` must not delete a folder of other work."""
+    if dest.is_symlink() or not dest.exists():
+        return
+    if new.is_dir() and not dest.is_dir():
+        raise InputError(dest, "exists and is a file, not a folder; choose another output path")
+    if dest.is_dir() and not new.is_dir():
+        raise InputError(dest, "exists and is a folder; give the output a file name")
+    if dest.is_dir():
+        old_names = {p.name for p in dest.iterdir()}
+        if old_names and not old_names & {p.name for p in new.iterdir()}:
+            raise InputError(dest, "exists and holds other files, not an earlier output of this kind; "
+                                   "choose another output path or remove it")
+
+
 @contextlib.contextmanager
 def atomic_output(dest: str | Path, create_folder: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``dest``, on any error it is removed.
 
     Works for files and for directories. An existing ``dest`` is only replaced once the new one is
-    complete. ``create_folder=False`` writes only into a folder that exists (a cache folder that its
-    owner may be removing must not be made again).
+    complete, and only by an output of its kind (see :func:`_check_replaceable`).
+    ``create_folder=False`` writes only into a folder that exists (a cache folder that its owner may
+    be removing must not be made again).
     """
     dest = Path(dest)
     if create_folder:
@@ -57,6 +75,7 @@ def atomic_output(dest: str | Path, create_folder: bool = True) -> Iterator[Path
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"{dest}: writer produced nothing at {tmp}")
+        _check_replaceable(dest, tmp)
         if dest.is_dir() and not dest.is_symlink():
             # rename() cannot replace a non-empty directory: move the old one aside first.
             old = temporary_sibling(dest)

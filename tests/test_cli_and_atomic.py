@@ -65,3 +65,29 @@ def test_atomic_file_and_directory(tmp_path: Path) -> None:
             (tmp / "x").write_text(content)
     assert (store / "x").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "s.zarr"]
+
+
+def test_an_output_never_replaces_other_work(tmp_path: Path) -> None:
+    # a mistyped -o: a folder of other files, or a file where a store goes, is left as it is
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="is a folder"), atomic_output(work) as tmp:
+        tmp.write_text("tiles")
+    with pytest.raises(InputError, match="holds other files"), atomic_output(work) as tmp:
+        tmp.mkdir()
+        (tmp / "zarr.json").write_text("{}")
+    assert [p.name for p in work.iterdir()] == ["notes.txt"]
+    table = tmp_path / "table.parquet"
+    table.write_text("keep")
+    with pytest.raises(InputError, match="is a file"), atomic_output(table) as tmp:
+        tmp.mkdir()
+    assert table.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet", "work"]
+    # an empty folder may be filled
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    with atomic_output(empty) as tmp:
+        tmp.mkdir()
+        (tmp / "zarr.json").write_text("{}")
+    assert (empty / "zarr.json").exists()
