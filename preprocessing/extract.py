@@ -399,11 +399,21 @@ def _load_tiles(tiles: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     missing = [c for c in ("x", "y") if c not in frame.columns]
     if missing:
         raise InputError(tiles, f"tiles table lacks column(s) {', '.join(missing)}")
+    xy = frame[["x", "y"]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(xy).all(axis=1) | (xy < 0).any(axis=1) | (xy != np.round(xy)).any(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        x, y = frame["x"].iloc[row], frame["y"].iloc[row]
+        raise InputError(tiles, f"{int(bad.sum())} patch position(s) are not whole non-negative pixel "
+                                f"numbers; first at row {row}: x={x}, y={y}")
     return frame, meta
 
 
-def _check_meta(tiles: Path, slide: Path, meta: dict[str, Any], handle: openslide.OpenSlide) -> int:
-    """Validate the tiles metadata against the slide; returns the read size in level pixels."""
+def _check_meta(
+    tiles: Path, slide: Path, meta: dict[str, Any], handle: openslide.OpenSlide, coords: np.ndarray
+) -> int:
+    """Validate the tiles metadata and patch positions against the slide; returns the read size in
+    level pixels."""
     missing = [k for k in _REQUIRED_META if meta.get(k) is None]
     if missing:
         raise InputError(tiles, f"tiles metadata lacks {', '.join(missing)}")
@@ -411,6 +421,11 @@ def _check_meta(tiles: Path, slide: Path, meta: dict[str, Any], handle: openslid
         made_from = Path(str(meta["slide"])).name
         if made_from not in {slide.name, slide.stem}:
             raise InputError(tiles, f"tiles were made from slide {made_from!r}, not {slide.name!r}")
+    width, height = handle.dimensions
+    if len(coords) and (coords[:, 0].max() >= width or coords[:, 1].max() >= height):
+        x, y = coords[np.argmax((coords[:, 0] >= width) | (coords[:, 1] >= height))]
+        raise InputError(tiles, f"patch at x={x}, y={y} lies outside {slide.name} ({width} x {height} px): "
+                                "tile the slide again")
     level = int(meta["level"])
     if not 0 <= level < handle.level_count:
         raise InputError(tiles, f"level {level} not in slide {slide.name} ({handle.level_count} levels)")
@@ -571,7 +586,7 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
             except (openslide.OpenSlideError, OSError) as err:
                 raise InputError(slide, f"cannot open slide ({err})") from err
             with handle:
-                attrs["read_size"] = _check_meta(tiles, slide, meta, handle)
+                attrs["read_size"] = _check_meta(tiles, slide, meta, handle, coords)
         return _write_store(out, slide, coords, attrs, enc, meta, stain, torch_device, batch_size=batch_size,
                             workers=workers, max_bad_patch_fraction=max_bad_patch_fraction, progress=progress)
     except InputError as err:

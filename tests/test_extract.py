@@ -279,6 +279,31 @@ def test_tiles_of_another_slide_are_refused(data, encoder, tmp_path):
         extract_slide(data["slide"], tiles, tmp_path / "o.zarr", encoder=encoder, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("x", "said"),
+    [("a", r"not whole non-negative pixel numbers; first at row 0: x=a,"),
+     (float("nan"), r"not whole non-negative pixel numbers; first at row 0: x=nan,"),
+     (-256, r"not whole non-negative pixel numbers; first at row 0: x=-256.0,"),
+     (10**7, r"patch at x=10000000, y=0 lies outside slide.svs")],
+)
+def test_patch_positions_that_cannot_be_read_are_refused(data, encoder, tmp_path, x, said):
+    """A hand-made or damaged tiles table: text, NaN (once cast to int64, a store of garbage marked
+    complete), a negative position or one beyond the slide (blank patches) must not be embedded."""
+    grid = _grid().astype({"x": str if isinstance(x, str) else float})
+    grid.loc[0, "x"] = x
+    frame = pd.DataFrame({"x": grid["x"], "y": grid["y"], "tissue_fraction": grid["tissue_fraction"]})
+    path = tmp_path / "bad.parquet"
+    frame.to_parquet(path)
+    import pyarrow.parquet as pq  # the metadata of a good tiles file, on the damaged table
+    table = pq.read_table(path)
+    table = table.replace_schema_metadata({**table.schema.metadata, **pq.read_schema(data["tiles"]).metadata})
+    pq.write_table(table, path)
+    out = tmp_path / "bad.zarr"
+    with pytest.raises(InputError, match=said):
+        extract_slide(data["slide"], path, out, encoder=encoder, progress=False)
+    assert not out.exists()
+
+
 def test_cli_reports_a_missing_tiles_file_in_one_line(data, tmp_path, capsys):
     missing = tmp_path / "missing.parquet"
     status = healnet_main(["extract", str(data["slide"]), str(missing), "-o", str(tmp_path / "m.zarr")])
