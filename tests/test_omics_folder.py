@@ -209,6 +209,9 @@ def test_slide_list_and_split_files(demo: dict, tmp_path: Path) -> None:
     assert list(m.at[pid(2), "failed_slides"]) == [f"{normal[:-4]}: {why}"]
     s = pd.read_parquet(out / "splits.parquet")
     assert set(s.loc[(s["fold"] == 1) & (s["role"] == "val"), "patient"]) == set(patients[1::2])
+    listing.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")  # a picture passed by mistake
+    with pytest.raises(InputError, match="slides.txt: slide list is not a text file"):
+        cli(["--cohort", "D", "--omics", str(demo["omics"]), "--slide-list", str(listing), "-o", str(out)])
 
 
 # ------------------------------------------------------------------------------- bad inputs

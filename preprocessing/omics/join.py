@@ -47,6 +47,8 @@ def read_slide_list(path: str | Path) -> list[str]:
         lines = path.read_text().splitlines()
     except OSError as err:
         raise InputError(path, f"cannot read slide list: {err}") from err
+    except UnicodeDecodeError:
+        raise InputError(path, "slide list is not a text file (one slide file name per line)") from None
     entries = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if entries and entries[0].lower() in {"slide", "slide_id", "slides", "path"}:
         entries = entries[1:]
