@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from healnet.config import TRAINING_RUN_SETTINGS
+from healnet.evaluate import check_folds_table
 from preprocessing.atomic import atomic_output
 from preprocessing.errors import InputError
 
@@ -59,8 +60,15 @@ def _read_fold(folder: Path, fold: int) -> tuple[pd.DataFrame, pd.DataFrame, dic
         log = json.loads(paths[2].read_text())
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise InputError(folder, f"cannot read the fold's outputs ({type(err).__name__}: {err})") from err
+    check_folds_table(metrics, paths[0])
+    if not isinstance(log, dict) or not isinstance(log.get("seconds", 0.0), int | float):
+        raise InputError(paths[2], "not a training log (a JSON object with numeric 'seconds'); "
+                                   "retrain the fold")
     for path, frame in ((paths[0], metrics), (paths[1], predictions)):
-        found = sorted(set(frame["fold"].astype(int))) if "fold" in frame else []
+        fold_numbers = pd.to_numeric(frame["fold"], errors="coerce") if "fold" in frame else pd.Series([])
+        if fold_numbers.isna().any():
+            raise InputError(path, "column 'fold' holds a value that is not a number; retrain the fold")
+        found = sorted(set(fold_numbers.astype(int)))
         if found != [fold]:
             raise InputError(path, f"holds fold(s) {found}, expected only fold {fold}")
     return metrics, predictions, log

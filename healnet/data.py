@@ -102,6 +102,12 @@ def load_omics_dir(omics_dir: str | Path) -> OmicsTables:
     non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
         raise InputError(omics_dir / "features.parquet", f"non-numeric columns {non_numeric[:5]}")
+    infinite = np.isinf(features.to_numpy(dtype=float))  # NaN is a missing value, imputed per fold
+    if infinite.any():
+        row, col = np.argwhere(infinite)[0]
+        first = f"{features.columns[col]} of patient {features.index[row]}"
+        raise InputError(omics_dir / "features.parquet",
+                         f"{int(infinite.sum())} infinite value(s), first {first}")
     missing = [c for c in SPLIT_COLUMNS if c not in splits.columns]
     if missing:
         raise InputError(omics_dir / "splits.parquet", f"missing columns {missing}")
@@ -139,6 +145,12 @@ def open_store(path: Path) -> SlideStore:
             path,
             f"expected features N x D and coords N x 2, got {feats.shape} and {coords.shape}; {REEXTRACT}",
         )
+    # zarr reads a missing chunk as zeros: a store cut short by a copy would train on blank patches.
+    # (A features chunk is never all zeros, so extraction writes every one.)
+    if feats.nchunks_initialized < feats.nchunks:
+        missing = feats.nchunks - feats.nchunks_initialized
+        raise InputError(path, f"{missing} of {feats.nchunks} feature chunks are missing (a partial copy?); "
+                               f"{REEXTRACT}")
     return SlideStore(Path(path), int(feats.shape[0]), int(feats.shape[1]))
 
 

@@ -26,6 +26,27 @@ SETTING_ORDER = ("full", "omics_only", "wsi_only", "random_half")
 FOLD_COLUMNS = ("model", "fold", "setting", "metric", "value")
 
 
+def check_folds_table(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """``frame`` (a ``folds.csv``) if it has the columns, whole fold numbers and numeric values (NaN
+    allowed: a metric a fold cannot define); otherwise an InputError naming ``path``."""
+    missing = [c for c in FOLD_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputError(path, f"missing columns {missing}")
+    for column in ("fold", "value"):
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        bad = numbers.isna() & frame[column].notna()
+        if column == "fold":
+            bad |= numbers.isna() | (numbers != numbers.round())
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(path, f"column {column!r} holds {frame[column].iloc[row]!r} (row {row + 2}), "
+                                   "not a number; retrain to rewrite it")
+        frame[column] = numbers.astype(int) if column == "fold" else numbers.astype(float)
+    if frame["setting"].isna().any() or frame["metric"].isna().any():
+        raise InputError(path, "empty 'setting' or 'metric' cells; retrain to rewrite it")
+    return frame
+
+
 def read_folds(results_dir: Path, models: list[str] | None) -> pd.DataFrame:
     """All ``folds.csv`` tables of a cohort (the given models, or every subfolder that has one)."""
     if not results_dir.is_dir():
@@ -43,10 +64,7 @@ def read_folds(results_dir: Path, models: list[str] | None) -> pd.DataFrame:
             frame = pd.read_csv(path)
         except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             raise InputError(path, f"cannot read CSV: {err}") from err
-        missing = [c for c in FOLD_COLUMNS if c not in frame.columns]
-        if missing:
-            raise InputError(path, f"missing columns {missing}")
-        frames.append(frame.assign(model=model))
+        frames.append(check_folds_table(frame, path).assign(model=model))
     return pd.concat(frames, ignore_index=True)
 
 

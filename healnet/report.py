@@ -28,6 +28,7 @@ import pandas as pd  # noqa: E402
 from healnet.evaluate import read_folds  # noqa: E402
 from preprocessing.atomic import atomic_output  # noqa: E402
 from preprocessing.errors import InputError  # noqa: E402
+from preprocessing.slide_files import SlideFolderError, find_slide_files  # noqa: E402
 from preprocessing.tiles_io import read_tiles  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,17 @@ def load_predictions(results_dir: Path, models: list[str]) -> pd.DataFrame:
         path = results_dir / model / "predictions.parquet"
         if not path.exists():
             raise InputError(path, "missing: train this model first")
-        frames.append(pd.read_parquet(path).assign(model=model))
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as err:  # noqa: BLE001 - any reader failure means an unusable file
+            reason = " ".join(str(err).split())
+            raise InputError(path, f"cannot read predictions ({type(err).__name__}: {reason}); retrain "
+                                   "this model") from err
+        needed = ("patient", "fold", "setting", "risk", "time", "event", "train_median_risk")
+        missing = [c for c in needed if c not in frame]
+        if missing:
+            raise InputError(path, f"missing columns {missing}; retrain this model")
+        frames.append(frame.assign(model=model))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -130,13 +141,26 @@ def plot_c_index(folds: pd.DataFrame, path: Path, setting: str = "full") -> None
     save_figure(fig, path)
 
 
-def failed_slides(tiles_dir: Path, features_dir: Path | None = None) -> pd.DataFrame:
+def failed_slides(
+    tiles_dir: Path, features_dir: Path | None = None, slides: set[str] | None = None
+) -> pd.DataFrame:
     """Slides whose tiling failed or gave no patches, or whose patches could not be embedded (a store
-    recorded as ``failed``), with the reason (empty frame when none)."""
+    recorded as ``failed``), with the reason (empty frame when none).
+
+    ``slides``: the stems of the cohort's slides now. Tiles of a slide that has since left the
+    slides folder stay on disk (no job owns them any more) and are not listed.
+    """
     rows = []
     for path in sorted(tiles_dir.glob("*.parquet")) if tiles_dir.is_dir() else []:
-        tiles, meta = read_tiles(path)
         slide = path.name[: -len(".parquet")]
+        if slides is not None and slide not in slides:
+            continue
+        try:
+            tiles, meta = read_tiles(path)
+        except Exception as err:  # noqa: BLE001 - as the omics step: an unreadable file is a failed slide
+            reason = f"tiles file unreadable ({type(err).__name__}: {' '.join(str(err).split())})"
+            rows.append({"slide": slide, "patient": slide[:12], "status": "failed", "reason": reason})
+            continue
         if meta.get("failed"):
             rows.append({"slide": slide, "patient": slide[:12], "status": "failed", "reason": meta["failed"]})
         elif len(tiles) == 0:
@@ -194,7 +218,14 @@ def cli(argv: list[str] | None = None) -> int:
     logrank = plot_km_curves(predictions, args.out / "km_curves.png")
     write_csv(logrank, args.results_dir / "logrank.csv")
     plot_c_index(folds, args.out / "c_index.png")
-    write_csv(failed_slides(args.tiles_dir, args.features_dir), args.results_dir / "failed_slides.csv")
+    slides = None  # without a readable slides folder (slides moved off after extraction): every tiles file
+    if args.slides_dir:
+        try:
+            slides = set(find_slide_files(args.slides_dir))
+        except SlideFolderError:
+            pass
+    failed = failed_slides(args.tiles_dir, args.features_dir, slides)
+    write_csv(failed, args.results_dir / "failed_slides.csv")
 
     from healnet import explain
 

@@ -596,6 +596,13 @@ def test_bad_inputs_are_one_line_errors(
     err = capsys.readouterr().err
     assert stem in err and "not marked complete" in err and len(err.strip().splitlines()) == 1
     assert "delete the store and rerun extraction" in err
+    # a chunk file gone (a partial copy): zarr would read zeros
+    shutil.rmtree(broken / stem)
+    shutil.copytree(features_dir / stem, broken / stem)
+    (broken / stem / "features" / "c" / "0" / "0").unlink()
+    assert healnet_main(train_args(config, omics_dir, broken, tmp_path, "abmil")) == 1
+    err = capsys.readouterr().err
+    assert stem in err and "1 of 1 feature chunks are missing" in err and len(err.strip().splitlines()) == 1
     # metadata that is no longer JSON (a half-copied store) gets the same advice
     shutil.rmtree(broken / stem)
     shutil.copytree(features_dir / stem, broken / stem)
@@ -604,6 +611,15 @@ def test_bad_inputs_are_one_line_errors(
     err = capsys.readouterr().err
     assert stem in err and "not a readable feature store" in err and len(err.strip().splitlines()) == 1
     assert "delete the store and rerun extraction" in err
+    # an infinite omic value (healnet omics refuses them; a table edited by hand) would give NaN risks
+    edited = tmp_path / "omics_edited"
+    shutil.copytree(omics_dir, edited)
+    table = pd.read_parquet(edited / "features.parquet")
+    table.iloc[0, 1] = np.inf
+    table.to_parquet(edited / "features.parquet")
+    assert healnet_main(train_args(config, edited, features_dir, tmp_path, "snn")) == 1
+    err = capsys.readouterr().err
+    assert "features.parquet: 1 infinite value(s), first" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -732,6 +748,22 @@ def test_failed_slides_lists_a_slide_whose_extraction_was_recorded_as_failed(tmp
         "slide": "TCGA-AA-0002-01Z-00-DX1", "patient": "TCGA-AA-0002", "status": "failed",
         "reason": "more than 1.00% of 2 patches cannot be decoded; first at x=0, y=0"}]
     assert failed_slides(tmp_path / "tiles").empty  # without the stores, tiling saw nothing wrong
+    # a slide no longer in the slides folder is not listed, although its tiles file is still there
+    assert failed_slides(tmp_path / "tiles", tmp_path / "features", {"TCGA-AA-0001-01Z-00-DX1"}).empty
+    # a damaged tiles file is a failed slide with its reason, as in the omics step, not a crash
+    (tmp_path / "tiles" / "TCGA-AA-0001-01Z-00-DX1.parquet").write_bytes(b"PAR1 cut short")
+    table = failed_slides(tmp_path / "tiles", tmp_path / "features")
+    assert list(table["status"]) == ["failed", "failed"]
+    assert table["reason"].iloc[0].startswith("tiles file unreadable (")
+
+
+def test_the_report_names_an_unreadable_predictions_file(tmp_path: Path) -> None:
+    from healnet.report import load_predictions
+
+    (tmp_path / "snn").mkdir()
+    (tmp_path / "snn" / "predictions.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(InputError, match=r"snn/predictions.parquet: cannot read predictions \(.*retrain"):
+        load_predictions(tmp_path, ["snn"])
 
 
 def test_kaplan_meier_groups_hold_only_patients_the_model_scored(tmp_path: Path) -> None:
@@ -842,6 +874,34 @@ def test_folds_trained_as_separate_runs_collect_into_the_all_fold_outputs(
     assert "fold1: another run than fold 0: different training settings; retrain" in capsys.readouterr().err
     assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,0,2"]) == 1
     assert "a fold is named twice" in capsys.readouterr().err
+    # hand-edited fold files: one line each, and the joined outputs of a good collect stay as they were
+    fold1.write_text(json.dumps(log1))
+    assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,1,2"]) == 0
+    joined = (model_dir / "folds.csv").read_bytes()
+    metrics1 = model_dir / "fold1" / "folds.csv"
+    good = metrics1.read_text()
+    broken = pd.read_csv(metrics1).astype({"value": object})
+    broken.loc[0, "value"] = "x"
+    for bad_file, text, said in [
+        (metrics1, broken.to_csv(index=False), "column 'value' holds 'x' (row 2), not a number"),
+        (metrics1, good[:20], "missing columns"),
+        (fold1, "[1, 2]", "not a training log"),
+        (fold1, json.dumps({**log1, "seconds": "abc"}), "not a training log"),
+    ]:
+        original = bad_file.read_text()
+        bad_file.write_text(text)
+        capsys.readouterr()
+        assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,1,2"]) == 1
+        err = capsys.readouterr().err
+        assert said in err and str(bad_file) in err and len(err.strip().splitlines()) == 1
+        bad_file.write_text(original)
+    assert (model_dir / "folds.csv").read_bytes() == joined
+    # healnet evaluate reads the joined table the same way
+    (model_dir / "folds.csv").write_text(broken.to_csv(index=False))
+    assert healnet_main(["evaluate", "--cohort", "C", "--results-dir", str(tmp_path / "results"),
+                         "--models", "healnet", "-o", str(tmp_path / "summary.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "column 'value' holds 'x'" in err and len(err.strip().splitlines()) == 1
 
 
 class Killed(Exception):
