@@ -23,11 +23,13 @@ configfile: "config.yaml"
 # jsonschema without its optional IRI grammars, which cost about 3 s per Snakemake process; and
 # "1e-4", which Snakemake's YAML reads as text, made a number where the schema wants one.
 sys.path.insert(0, workflow.basedir)
-from healnet.config import import_jsonschema, numbers_from_strings
+from healnet.config import check_finite, import_jsonschema, in_schema_order, numbers_from_strings
 
 import_jsonschema()
 numbers_from_strings(config)
+check_finite(config)
 validate(config, "workflow/schemas/config.schema.yaml")
+in_schema_order(config)  # params compare as text: the same values must give the same text
 
 
 report: "workflow/report/workflow.rst"

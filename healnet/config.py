@@ -6,6 +6,7 @@ Snakemake validates the same file with the same schema when it starts; the CLI c
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -107,16 +108,54 @@ def numbers_from_strings(config: dict[str, Any], schema: dict[str, Any] | None =
             numbers_from_strings(value, prop)
 
 
+def check_finite(config: Any, source: str | Path = "config", where: str = "") -> None:
+    """InputError naming the first key whose value is NaN or infinite (YAML's ``.nan``, ``.inf``).
+
+    JSON Schema's bounds are comparisons, which NaN passes, so ``lr: .nan`` would otherwise reach
+    the optimiser, and ``alpha: .nan`` would train to NaN risks and exit 0.
+    """
+    if isinstance(config, dict):
+        items: Any = config.items()
+    else:
+        items = enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        name = f"{where}.{key}" if where else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(source, f"config key {name}: {value} is not a finite number")
+        check_finite(value, source, name)
+
+
+def in_schema_order(config: dict[str, Any], schema: dict[str, Any] | None = None) -> None:
+    """Reorder every section's keys to the schema's order, in place.
+
+    Snakemake reruns a job whose params changed, and it compares a section passed as a param by its
+    text, in which key order counts. Validation appends the defaults a file leaves out after the
+    keys it has, so without this a file that lists keys in another order, or writes out a default,
+    would re-tile and re-extract every slide although no value changed. The schema's order is that
+    of the shipped ``config.yaml``, so a run made before this reorder sees the same params.
+    """
+    if schema is None:
+        schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    for key, prop in schema.get("properties", {}).items():
+        if key in config:
+            value = config.pop(key)
+            config[key] = value
+            if isinstance(value, dict):
+                in_schema_order(value, prop)
+
+
 def validate_config(config: dict[str, Any], source: str | Path = "config") -> dict[str, Any]:
     """Validate ``config`` in place (defaults added); raise InputError naming the offending key."""
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     numbers_from_strings(config, schema)
+    check_finite(config, source)
     validator = _with_defaults(import_jsonschema().Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
         where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise InputError(source, f"config key {where}: {err.message}")
+    in_schema_order(config, schema)
     return config
 
 
@@ -126,5 +165,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
     try:
         config = yaml.load(path.read_text(), Loader=ConfigLoader) or {}  # noqa: S506 - a SafeLoader
     except (OSError, yaml.YAMLError) as err:
-        raise InputError(path, f"cannot read config: {err}") from err
+        where = getattr(err, "problem_mark", None)
+        why = getattr(err, "problem", None) or " ".join(str(err).split())
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise InputError(path, f"cannot read config: {why}{at}") from err
     return validate_config(config, path)

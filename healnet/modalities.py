@@ -20,3 +20,20 @@ WSI_ONLY = frozenset(name for name, mods in MODEL_MODALITIES.items() if mods == 
 READS_HEALNET_SETTINGS = frozenset({"healnet", "perceiver"})
 # Training settings only multimodal models use.
 MULTIMODAL_TRAINING_SETTINGS = frozenset({"modality_dropout"})
+# Training settings only models that read omics use (the feature screen, the L1 on the omic input),
+# only models that read slides use (patches drawn per bag), and only the models not built from the
+# `healnet:` section use (the SNN's and ABMIL's width and dropout).
+OMIC_TRAINING_SETTINGS = frozenset({"omic_max_features", "omic_select_by", "l1_omics"})
+WSI_TRAINING_SETTINGS = frozenset({"max_patches_train"})
+BASELINE_TRAINING_SETTINGS = frozenset({"baseline_hidden", "baseline_dropout"})
+
+
+def uses_training_setting(model: str, key: str) -> bool:
+    """Whether the training setting ``key`` can change what ``model`` learns (unknown keys: yes)."""
+    modalities = MODEL_MODALITIES[model]
+    return not (
+        (key in MULTIMODAL_TRAINING_SETTINGS and model not in MULTIMODAL)
+        or (key in OMIC_TRAINING_SETTINGS and "omics" not in modalities)
+        or (key in WSI_TRAINING_SETTINGS and "wsi" not in modalities)
+        or (key in BASELINE_TRAINING_SETTINGS and model in READS_HEALNET_SETTINGS)
+    )

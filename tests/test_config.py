@@ -42,6 +42,9 @@ def test_default_config_is_valid_and_defaults_fill_missing_sections() -> None:
         (lambda c: c["extract"].update(workers="many"), "extract.workers"),
         (lambda c: c["extract"].update(workers=-1), "extract.workers"),
         (lambda c: c["training"].update(workers="all"), "training.workers"),
+        # NaN passes every schema bound; it would train to NaN risks and exit 0
+        (lambda c: c["training"].update(alpha=float("nan")), "training.alpha: nan is not a finite number"),
+        (lambda c: c["training"].update(lr=float("inf")), "training.lr: inf is not a finite number"),
     ],
 )
 def test_bad_config_names_the_key(edit, named: str) -> None:
@@ -58,6 +61,20 @@ def test_snakemake_refuses_unknown_key_with_its_name(tmp_path: Path) -> None:
     run = snakemake(tmp_path, "-n", timeout=120)
     assert run.returncode != 0
     assert "batchsize" in run.stdout + run.stderr
+    del cfg["extract"]["batchsize"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg).replace("lr: 0.0002", "lr: .nan"))
+    run = snakemake(tmp_path, "-n", timeout=120)
+    assert run.returncode != 0
+    assert "training.lr: nan is not a finite number" in run.stdout + run.stderr
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  epochs: 2\n   ensemble: 1\n")
+    with pytest.raises(InputError) as err:
+        load_config(bad)
+    assert str(err.value).count("\n") == 0
+    assert "bad.yaml" in str(err.value) and "(line 3, column 12)" in str(err.value)
 
 
 def test_small_numbers_survive_the_json_snapshot_that_training_reads(tmp_path: Path) -> None:

@@ -103,13 +103,16 @@ def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Pa
     retrain."""
     original = (tiny_run / "config.yaml").read_text()
 
-    def dry_run_with(extract: dict, training: dict, **sections: dict) -> subprocess.CompletedProcess:
+    def dry_run_with(extract: dict, training: dict, reorder: bool = False, **sections: dict
+                     ) -> subprocess.CompletedProcess:
         edited = copy.deepcopy(TINY)
         edited.setdefault("extract", {}).update(extract)
         edited["training"].update(training)
         for name, values in sections.items():
             edited.setdefault(name, {}).update(values)
-        (tiny_run / "config.yaml").write_text(yaml.safe_dump(edited))
+        if reorder:  # every section's keys in reverse order (the run wrote them sorted)
+            edited = {k: dict(reversed(v.items())) if isinstance(v, dict) else v for k, v in edited.items()}
+        (tiny_run / "config.yaml").write_text(yaml.safe_dump(edited, sort_keys=not reorder))
         return snakemake(tiny_run, "-n", "--cores", "2")
 
     try:
@@ -121,6 +124,14 @@ def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Pa
         shape = dry_run_with({}, {}, healnet={"depth": 2})
         dropout = dry_run_with({}, {"modality_dropout": 0.25})
         bins = dry_run_with({}, {}, omics={"n_bins": 2})
+        # the same values in another key order, defaults written out: nothing to redo
+        reordered = dry_run_with({}, {"alpha": 0.4}, reorder=True, tiling={"patch_size": 256},
+                                 demo={"long_side_px": 3000}, omics={"seed": 0},
+                                 report={"top_omic_features": 15})
+        # settings a model does not read leave it alone
+        widths = dry_run_with({}, {"baseline_hidden": 128})
+        screen = dry_run_with({}, {"omic_max_features": 4})
+        patches = dry_run_with({}, {"max_patches_train": 128})
     finally:
         (tiny_run / "config.yaml").write_text(original)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
@@ -130,6 +141,12 @@ def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Pa
     assert job_counts(shape.stdout)["train_fold"] == "6" and "model=snn" not in shape.stdout
     assert job_counts(dropout.stdout)["train_fold"] == "9" and "model=abmil" not in dropout.stdout
     assert job_counts(bins.stdout)["train_fold"] == "15"
+    assert reordered.returncode == 0, reordered.stderr[-3000:]
+    assert "Nothing to be done" in reordered.stdout + reordered.stderr, job_counts(reordered.stdout)
+    assert job_counts(widths.stdout)["train_fold"] == "9"  # snn, abmil, late_fusion
+    assert "model=healnet" not in widths.stdout and "model=perceiver" not in widths.stdout
+    assert job_counts(screen.stdout)["train_fold"] == "12" and "model=abmil" not in screen.stdout
+    assert job_counts(patches.stdout)["train_fold"] == "12" and "model=snn" not in patches.stdout
 
 
 def test_corrupt_slide_is_listed_and_its_patient_has_no_slide(tiny_run: Path) -> None:

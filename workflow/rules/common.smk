@@ -17,7 +17,7 @@ _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
 ENCODER = config["extract"]["encoder"]
 from healnet.config import BAGS_ON_DEVICE_SETTING_WORDS, TRAINING_RUN_SETTINGS
-from healnet.modalities import MODEL_MODALITIES, MULTIMODAL, MULTIMODAL_TRAINING_SETTINGS, READS_HEALNET_SETTINGS
+from healnet.modalities import MODEL_MODALITIES, READS_HEALNET_SETTINGS, uses_training_setting
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
 from preprocessing.slide_files import SlideFolderError, find_slide_files
 
@@ -175,12 +175,13 @@ def omics_args(wildcards):
 def training_settings(wildcards):
     """The effective settings one model is trained with (file + --config overrides, defaults filled
     in) as JSON: a change reruns that model's training, while a change elsewhere (report settings,
-    the run settings above, HEALNet's shape for a model not built from it) does not."""
+    the run settings above, HEALNet's shape for a model not built from it, the omic screen for a
+    model that reads no omics: healnet.modalities.uses_training_setting) does not."""
     model = wildcards.model
     training = {
         k: v
         for k, v in config["training"].items()
-        if k not in TRAINING_RUN_SETTINGS and (model in MULTIMODAL or k not in MULTIMODAL_TRAINING_SETTINGS)
+        if k not in TRAINING_RUN_SETTINGS and uses_training_setting(model, k)
     }
     settings = {
         "cohorts": {wildcards.cohort: cohort_config(wildcards.cohort)},
