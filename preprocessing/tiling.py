@@ -426,13 +426,14 @@ def cli(argv: list[str] | None = None) -> int:
             "patch_size": args.patch_size, "target_mpp": args.target_mpp, "mpp": None, "mpp_source": None,
             "min_tissue_fraction": args.min_tissue_fraction, "n_patches": 0, "warning": None,
         }
+        write_tiles(args.output, pd.DataFrame(columns=["x", "y", "tissue_fraction"]), meta)
         if args.qc:
             write_png(args.qc, render_failed_qc(args.slide, reason))
-        write_tiles(args.output, pd.DataFrame(columns=["x", "y", "tissue_fraction"]), meta)
         return 0
+    # the tiles file first: an output path that cannot take it must not leave a QC picture behind
+    write_tiles(args.output, result.tiles, result.meta)
     if result.qc is not None:
         write_png(args.qc, result.qc)
-    write_tiles(args.output, result.tiles, result.meta)
     meta = result.meta
     log.info("%s: %d patches (%.4g um/px from %s, level %d), tissue %.2f mm^2", args.slide.name,
              meta["n_patches"], meta["mpp"], meta["mpp_source"], meta["level"], meta["tissue_area_mm2"])

@@ -182,6 +182,13 @@ def test_cli_writes_tiles_and_qc_with_spaces_and_non_ascii(pair: tuple[Path, Pat
         assert picture.format == "PNG" and picture.width >= 1000
         assert picture.height <= 900  # taller pictures lose their top in the Snakemake report
     assert sorted(p.name for p in out.parent.iterdir()) == ["qc.png", "tiles.parquet"]  # no temp files
+    # -o naming a folder: one line, exit 1, and no QC picture without its tiles file
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    status = main(["tile", str(slide), "-o", str(taken), "--qc", str(tmp_path / "q.png")])
+    assert status == 1
+    assert "taken: exists and is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "q.png").exists() and not any(taken.iterdir())
 
 
 def test_cli_mpp_flags(pair: tuple[Path, Path], tmp_path: Path) -> None:
