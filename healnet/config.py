@@ -132,7 +132,8 @@ def in_schema_order(config: dict[str, Any], schema: dict[str, Any] | None = None
     text, in which key order counts. Validation appends the defaults a file leaves out after the
     keys it has, so without this a file that lists keys in another order, or writes out a default,
     would re-tile and re-extract every slide although no value changed. The schema's order is that
-    of the shipped ``config.yaml``, so a run made before this reorder sees the same params.
+    of the shipped ``config.yaml``, so its runs made before this reorder see the same params; a
+    config file in another order sees its params change once.
     """
     if schema is None:
         schema = yaml.safe_load(SCHEMA_PATH.read_text())

@@ -146,7 +146,8 @@ def open_store(path: Path) -> SlideStore:
             f"expected features N x D and coords N x 2, got {feats.shape} and {coords.shape}; {REEXTRACT}",
         )
     # zarr reads a missing chunk as zeros: a store cut short by a copy would train on blank patches.
-    # (A features chunk is never all zeros, so extraction writes every one.)
+    # Extraction writes every chunk (write_empty_chunks; before that, a whole chunk of all-zero
+    # embeddings, which no pretrained encoder gives, would have been left unwritten).
     if feats.nchunks_initialized < feats.nchunks:
         missing = feats.nchunks - feats.nchunks_initialized
         raise InputError(path, f"{missing} of {feats.nchunks} feature chunks are missing (a partial copy?); "

@@ -610,8 +610,10 @@ def _write_store(out: Path, slide: Path, coords: np.ndarray, attrs: dict[str, An
     with atomic_output(out) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         rows = max(1, min(len(coords), CHUNK_ROWS))
+        # every chunk on disk, all-zero ones too: training reads a missing chunk as damage, not zeros
         features = group.create_array("features", shape=(len(coords), enc.feature_dim),
-                                      chunks=(rows, enc.feature_dim), dtype=np.dtype(dtype))
+                                      chunks=(rows, enc.feature_dim), dtype=np.dtype(dtype),
+                                      config={"write_empty_chunks": True})
         loop = _LoopResult(np.zeros(len(coords), dtype=bool), [], 0, 0.0)
         if len(coords):
             dataset = PatchDataset(slide, coords, int(meta["level"]), attrs["read_size"], enc.input_size,

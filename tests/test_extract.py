@@ -249,6 +249,23 @@ class _NaNModel(nn.Module):
         return out
 
 
+class _ZeroModel(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 4)
+
+
+def test_all_zero_features_are_written_so_training_opens_the_store(data, tmp_path):
+    """zarr leaves a chunk equal to its fill value unwritten unless told; training reads a missing
+    chunk as damage, so every chunk must be on disk, zeros included."""
+    from healnet.data import open_store
+
+    blank = Encoder("zero", _ZeroModel(), 4, (32, 32), (0.5,) * 3, (0.5,) * 3, "bilinear", "random", None)
+    out = tmp_path / "zero.zarr"
+    extract_slide(data["slide"], data["tiles"], out, encoder=blank, batch_size=32, workers=0, progress=False)
+    store = open_store(out)
+    assert store.n > 0 and not read_store(out)[0].any()
+
+
 def test_non_finite_features_fail_naming_the_slide(data, tmp_path):
     broken = Encoder("nan", _NaNModel(), 4, (32, 32), (0.5,) * 3, (0.5,) * 3, "bilinear", "random", None)
     out = tmp_path / "nan.zarr"
