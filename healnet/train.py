@@ -70,7 +70,7 @@ from healnet.ensemble import SeedEnsemble, fold_seed
 from healnet.loss import inverse_frequency_weights, nll_survival_loss, risk_from_logits, survival_from_logits
 from healnet.metrics import fold_metrics, survival_at, survival_knots
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
-from preprocessing.atomic import atomic_output
+from preprocessing.atomic import atomic_output, remove_stale_temporaries
 from preprocessing.errors import InputError
 from preprocessing.workers import resolve_workers, workers_argument
 
@@ -606,6 +606,10 @@ def run_fold(
 
     training, manifest = config["training"], cohort.tables.manifest
     mods = MODEL_MODALITIES[model_name]
+    # saved states are large: those a killed save left under a temporary name go (only this fold's,
+    # as the job that owns them; a writer still running is left alone)
+    for name in (f"fold{fold}.pt", f"unfinished-fold{fold}.pt", f"unfinished-fold{fold}-member*.pt"):
+        remove_stale_temporaries(models_dir / name)
     seed = fold_seed(int(training["seed"]), fold)
     set_determinism(seed, None)
     train_p, test_p = fold_patients(cohort.tables, fold, set(cohort.patients))

@@ -6,6 +6,7 @@ A killed job therefore never leaves a file or directory (e.g. a Zarr store) that
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import uuid
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from preprocessing.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def temporary_sibling(dest: str | Path) -> Path:
@@ -28,6 +31,24 @@ def remove_path(path: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def remove_stale_temporaries(dest: str | Path) -> None:
+    """Delete the temporaries that killed writers left for ``dest`` (a glob pattern is allowed in its
+    name); those of a writer that is still running are kept. The writer's pid is in the name."""
+    dest = Path(dest)
+    for path in dest.parent.glob(f".{dest.name}.tmp-*"):
+        try:
+            pid = int(path.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.info("removing %s left by an interrupted run", path)
+            remove_path(path)
+        except PermissionError:
+            pass
 
 
 def make_parent(dest: str | Path) -> None:

@@ -46,7 +46,7 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from preprocessing.atomic import atomic_output, make_parent, remove_path
+from preprocessing.atomic import atomic_output, make_parent, remove_stale_temporaries
 from preprocessing.encoders import (
     DEFAULT_ENCODER,
     RANDOM,
@@ -343,22 +343,6 @@ def _reusable(out: Path, expected: dict[str, Any]) -> bool:
     return all(attrs.get(key) == expected.get(key) for key in REUSE_KEYS)
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete temporary stores left by killed runs for ``out`` (their writer process is gone)."""
-    for path in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int(path.name.rsplit(".tmp-", 1)[1].split("-")[0])
-        except (IndexError, ValueError):
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            log.info("removing %s left by an interrupted run", path)
-            remove_path(path)
-        except PermissionError:
-            pass
-
-
 def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "timm": importlib.metadata.version("timm"), "zarr": zarr.__version__,
             "openslide_python": openslide.__version__, "openslide": openslide.__library_version__,
@@ -571,7 +555,7 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
         attrs["failed"] = str(failed)
 
     make_parent(out)
-    _remove_stale_temporaries(out)
+    remove_stale_temporaries(out)
     if _reusable(out, attrs):
         n_done = int(zarr.open_group(str(out), mode="r").attrs["n_patches"])
         log.info("%s is complete for these tiles and weights: skipping (delete it to recompute)", out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -620,6 +621,30 @@ def test_bad_inputs_are_one_line_errors(
     assert healnet_main(train_args(config, edited, features_dir, tmp_path, "snn")) == 1
     err = capsys.readouterr().err
     assert "features.parquet: 1 infinite value(s), first" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_fold_removes_the_temporaries_killed_saves_left(
+    cohort: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """A job killed while saving leaves a hidden temporary state file (as large as the model); the
+    fold's next run deletes its own, and leaves another fold's and a live writer's alone."""
+    omics_dir, features_dir, config = cohort
+    models = tmp_path / "models" / "snn"
+    models.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])  # a finished child: no process has its pid now
+    dead.wait()
+    names = {
+        f".fold0.pt.tmp-{dead.pid}-aa": False,
+        f".unfinished-fold0.pt.tmp-{dead.pid}-bb": False,
+        f".unfinished-fold0-member1.pt.tmp-{dead.pid}-cc": False,
+        f".unfinished-fold1.pt.tmp-{dead.pid}-dd": True,  # fold 1's, for fold 1's job to clear
+        f".unfinished-fold0.pt.tmp-{os.getpid()}-ee": True,  # its writer is alive
+    }
+    for name in names:
+        (models / name).write_bytes(b"half a state")
+    assert healnet_main(train_args(config, omics_dir, features_dir, tmp_path, "snn", "--folds", "0")) == 0
+    assert {name: (models / name).exists() for name in names} == names
+    assert (models / "fold0.pt").exists()
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -84,6 +84,10 @@ def test_an_interrupted_run_retrains_only_the_missing_fold(tiny_run: Path) -> No
     assert jobs["train_fold"] == "1" and jobs["train"] == "1"
     assert "wildcards: cohort=TINY, model=healnet, fold=1" in dry.stdout
     assert set(jobs) - {"total"} == {"train_fold", "train", "evaluate", "report", "all"}
+    # the same fold killed when an earlier run had finished: that run's joined results are still on
+    # disk and must not pass for current (Snakemake does not remake a missing input by itself)
+    killed = job_counts(dry_run_without(tiny_run, failed_fold("healnet", 1)[:2]).stdout)
+    assert killed["train_fold"] == "1" and killed["train"] == "1" and killed["evaluate"] == "1"
 
 
 def test_a_lost_store_re_extracts_that_slide_alone(tiny_run: Path) -> None:
@@ -95,6 +99,9 @@ def test_a_lost_store_re_extracts_that_slide_alone(tiny_run: Path) -> None:
     assert jobs["extract"] == "1" and "encoder" not in jobs and "tile" not in jobs
     assert f"output: {store.relative_to(tiny_run)}" in dry.stdout
     assert "model=abmil, fold=0" in dry.stdout and "model=snn" not in dry.stdout  # the SNN reads no slides
+    # an extraction killed on a rerun (its store deleted, everything after it still there)
+    alone = job_counts(dry_run_without(tiny_run, [str(store.relative_to(tiny_run))]).stdout)
+    assert alone["extract"] == "1" and "train_fold" in alone and "tile" not in alone
 
 
 def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Path) -> None:

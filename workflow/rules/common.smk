@@ -112,11 +112,16 @@ REPORT_FIGURES = ["km_curves.png", "c_index.png", "attention_wsi.png", "attentio
 
 
 def final_outputs():
+    """What `snakemake` with no target makes. The per-slide and per-fold files are named too: a job
+    that failed or was killed has its outputs deleted, and Snakemake does not remake a missing input
+    of a job whose own outputs exist, so without them a rerun after a killed fold or extraction said
+    "Nothing to be done" and kept the joined results of the run before."""
     out = []
     for cohort in config["cohorts"]:
         out += [f"results/{cohort}/summary.{ext}" for ext in ("md", "csv", "html")]
         out += [f"results/{cohort}/figures/{f}" for f in REPORT_FIGURES]
         out += [f"results/{cohort}/failed_slides.csv"]
+        out += tiles_of(cohort) + stores_of(cohort) + checkpoints_of(cohort, cohort_models(cohort))
     return out
 
 
