@@ -32,7 +32,7 @@ import zarr
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from preprocessing.atomic import atomic_output
-from preprocessing.errors import InputError
+from preprocessing.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def open_store(path: Path) -> SlideStore:
         group = zarr.open_group(str(path), mode="r")
         feats, coords = group["features"], group["coords"]
     except Exception as err:  # noqa: BLE001 - any failure to open means a bad store
-        raise InputError(path, f"not a readable feature store ({_one_line(err)}); {REEXTRACT}") from err
+        raise InputError(path, f"not a readable feature store ({one_line(err)}); {REEXTRACT}") from err
     if group.attrs.get("complete") is not True:
         raise InputError(
             path, f"feature store is not marked complete (interrupted extraction?); {REEXTRACT}"
@@ -191,14 +191,9 @@ def index_stores(
 REEXTRACT = "delete the store and rerun extraction"
 
 
-def _one_line(err: Exception) -> str:
-    """``Type: message`` with the message's line breaks and runs of spaces collapsed."""
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
-
-
 def damaged_store(path: Path, err: Exception) -> InputError:
     """The one-line error for a feature store that exists but cannot be read, and how to recover."""
-    return InputError(path, f"cannot read its patch features ({_one_line(err)}); {REEXTRACT}")
+    return InputError(path, f"cannot read its patch features ({one_line(err)}); {REEXTRACT}")
 
 
 def read_store(

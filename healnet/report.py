@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 
 from healnet.evaluate import read_folds  # noqa: E402
 from preprocessing.atomic import atomic_output  # noqa: E402
-from preprocessing.errors import InputError  # noqa: E402
+from preprocessing.errors import InputError, one_line  # noqa: E402
 from preprocessing.slide_files import SlideFolderError, find_slide_files  # noqa: E402
 from preprocessing.tiles_io import read_tiles  # noqa: E402
 
@@ -60,9 +60,7 @@ def load_predictions(results_dir: Path, models: list[str]) -> pd.DataFrame:
         try:
             frame = pd.read_parquet(path)
         except Exception as err:  # noqa: BLE001 - any reader failure means an unusable file
-            reason = " ".join(str(err).split())
-            raise InputError(path, f"cannot read predictions ({type(err).__name__}: {reason}); retrain "
-                                   "this model") from err
+            raise InputError(path, f"cannot read predictions ({one_line(err)}); retrain this model") from err
         needed = ("patient", "fold", "setting", "risk", "time", "event", "train_median_risk")
         missing = [c for c in needed if c not in frame]
         if missing:
@@ -158,7 +156,7 @@ def failed_slides(
         try:
             tiles, meta = read_tiles(path)
         except Exception as err:  # noqa: BLE001 - as the omics step: an unreadable file is a failed slide
-            reason = f"tiles file unreadable ({type(err).__name__}: {' '.join(str(err).split())})"
+            reason = f"tiles file unreadable ({one_line(err)})"
             rows.append({"slide": slide, "patient": slide[:12], "status": "failed", "reason": reason})
             continue
         if meta.get("failed"):

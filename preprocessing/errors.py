@@ -16,3 +16,9 @@ class InputError(Exception):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` of a caught exception, its line breaks and runs of spaces collapsed, for the
+    reason of an :class:`InputError` (library messages often span lines)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
