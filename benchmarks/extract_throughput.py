@@ -3,7 +3,7 @@
 For each slide, measured in the same run with the same settings:
   (a) read-only patches/s: the DataLoader alone (read, decode, resize, normalise; no model),
   (b) model-only patches/s: the encoder on random uint8 batches (normalisation included),
-  (c) end-to-end patches/s: :func:`preprocessing.extract.extract_slide`'s patch loop,
+  (c) end-to-end patches/s: :func:`preprocessing.features.extract.extract_slide`'s patch loop,
 and c / best, where best = 1 / (1/a + 1/b) on CPU (reading and model share the cores) and
 min(a, b) on GPU. Target: c / best >= 0.85. Each repeat measures c first, so the first c of the
 first slide is a cold start, as in every `healnet extract` job; its ratio is printed too. On CPU with
@@ -12,7 +12,7 @@ reader processes, reading and the model overlap in part, so c can exceed that be
 
 Slides: two demo slides from data/DEMO/slides when present, else one synthetic demo-like slide
 (written once to benchmarks/out/), and the real ../shared/data/slides/CMU-1-Small-Region.svs when
-present. Tiles come from preprocessing.tiling when importable, else from a plain grid.
+present. Tiles come from preprocessing.tiling.tile when importable, else from a plain grid.
 
     .venv/bin/python benchmarks/extract_throughput.py [--max-patches 384] [--workers 1] [--threads 2]
     .venv/bin/python benchmarks/extract_throughput.py --encoder resnet50_trunc --device cuda \
@@ -39,8 +39,8 @@ import openslide
 import pandas as pd
 import torch
 
-from preprocessing.encoders import Encoder, Normalise, build_encoder
-from preprocessing.extract import (
+from preprocessing.features.encoders import Encoder, Normalise, build_encoder
+from preprocessing.features.extract import (
     FeatureRunner,
     PatchDataset,
     extract_slide,
@@ -49,7 +49,7 @@ from preprocessing.extract import (
     single_threaded_opencv,
     usable_cores,
 )
-from preprocessing.tiles_io import read_tiles, write_tiles
+from preprocessing.tiling.tiles import read_tiles, write_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
@@ -64,14 +64,14 @@ def synthetic_slide(path: Path = SYNTHETIC, side: int = 20000) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        from preprocessing.demo_render import SlideSpec, write_slide
+        from preprocessing.demo.render import SlideSpec, write_slide
 
         spec = SlideSpec(file_name=path.name, patient="TCGA-XX-0000", dx=1, magnification=40, mpp=0.25,
                          width=side, height=side * 3 // 4, seed=3, tumour_fraction=0.5, pen=None,
                          pale=False, corrupt=None)
         return write_slide(spec, path)
     except (ImportError, TypeError):
-        from preprocessing.svs_writer import write_aperio_svs  # needs imagecodecs (JPEG tiles)
+        from preprocessing.demo.svs_writer import write_aperio_svs  # needs imagecodecs (JPEG tiles)
 
         rng = np.random.default_rng(0)
         texture = np.clip(rng.normal(0, 1, (1024, 1024, 3)).cumsum(0).cumsum(1) / 40, -60, 60)
@@ -91,7 +91,7 @@ def make_tiles(slide: Path, dest: Path, max_patches: int, repeats: int = 1) -> P
     still read and decoded (OpenSlide's small tile cache cannot hold a whole pass over the slide).
     """
     try:
-        from preprocessing.tiling import tile_slide
+        from preprocessing.tiling.tile import tile_slide
 
         result = tile_slide(slide, qc=False)
         frame, meta = result.tiles, result.meta

@@ -40,10 +40,10 @@ from sksurv.metrics import concordance_index_censored
 from sksurv.util import Surv
 
 from healnet.config import load_config
-from healnet.data import read_store
-from healnet.evaluate import read_folds, summarise
-from healnet.train import Cohort, fit_omics, fold_patients, prepare_cohort
-from preprocessing.errors import InputError
+from healnet.data.bags import read_store
+from healnet.evaluation.summary import read_folds, summarise
+from healnet.training.cv import Cohort, fit_omics, fold_patients, prepare_cohort
+from preprocessing.core.errors import InputError
 
 BLOCKS = ("slides", "omics", "both")
 MAX_COX_COLUMNS = 256  # a Newton-Raphson Cox fit costs columns cubed: thousands of genes take hours
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         config["training"]["omic_max_features"] = args.omic_max_features
     encoder = config["extract"]["encoder"]
     warnings.filterwarnings("ignore", module="sksurv")
-    logging.getLogger("healnet.train").setLevel(logging.ERROR)  # its notes speak of training a model
+    logging.getLogger("healnet.training.cv").setLevel(logging.ERROR)  # its notes speak of training a model
     for name in args.cohorts:
         features_dir = args.root / "features" / name / encoder
         cohort = prepare_cohort("healnet", args.root / "omics" / name, features_dir)

@@ -7,7 +7,7 @@ Two cohorts:
   once into ``benchmarks/out/train_synthetic/`` as Zarr stores in the layout ``healnet extract``
   writes, plus an omics folder (random omics, survival times).
 
-Two epochs run through the real harness (:func:`healnet.train.train_model`: DataLoader worker(s)
+Two epochs run through the real harness (:func:`healnet.training.cv.train_model`: DataLoader worker(s)
 reading bags lazily, at most ``max_patches_train`` patches per bag). "Data wait" is the time the
 training loop blocks on ``next(loader)`` divided by the epoch time; the target is below 0.2. The
 reader processes persist across epochs, so only the first epoch waits for them to start: on a GPU
@@ -38,10 +38,10 @@ import pandas as pd
 import torch
 import zarr
 
-from healnet.baselines import build_model, model_spec
 from healnet.config import BAGS_ON_DEVICE_WORDS, load_config
-from healnet.data import BagBatchSampler, BagDataset, make_loader
-from healnet.train import (
+from healnet.data.bags import BagBatchSampler, BagDataset, make_loader
+from healnet.models.baselines import build_model, model_spec
+from healnet.training.cv import (
     decoded_feature_cache,
     fit_omics,
     prepare_cohort,
@@ -49,7 +49,7 @@ from healnet.train import (
     resolve_device,
     train_model,
 )
-from preprocessing.workers import resolve_workers, workers_argument
+from preprocessing.core.workers import resolve_workers, workers_argument
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out" / "train_synthetic"

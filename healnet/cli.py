@@ -12,19 +12,19 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 
 # subcommand -> (module defining ``cli(argv) -> int``, one-line summary)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("preprocessing.demo", "write a synthetic TCGA-like demo cohort (slides and omic tables)"),
-    "tile": ("preprocessing.tiling", "tissue mask and MPP-aware patch grid of one slide, plus a QC picture"),
-    "encoder": ("preprocessing.encoders", "build an encoder once and save it frozen for the extraction jobs"),
-    "extract": ("preprocessing.extract", "patch embeddings of one slide into a Zarr store"),
+    "demo": ("preprocessing.demo.cohort", "write a synthetic TCGA-like demo cohort (slides and omic tables)"),
+    "tile": ("preprocessing.tiling.tile", "tissue mask, MPP-aware patch grid and QC picture of a slide"),
+    "encoder": ("preprocessing.features.encoders", "build an encoder once, frozen, for the extraction jobs"),
+    "extract": ("preprocessing.features.extract", "patch embeddings of one slide into a Zarr store"),
     "omics": ("preprocessing.omics.cli", "join clinical and omic tables per patient; folds and manifest"),
-    "train": ("healnet.train", "cross-validated training of one model on one cohort"),
-    "collect": ("healnet.collect", "join per-fold training outputs into one model's results"),
-    "evaluate": ("healnet.evaluate", "per-cohort summary table of every trained model"),
-    "report": ("healnet.report", "figures for one cohort: survival curves, c-index, QC, attention"),
+    "train": ("healnet.training.cv", "cross-validated training of one model on one cohort"),
+    "collect": ("healnet.training.collect", "join per-fold training outputs into one model's results"),
+    "evaluate": ("healnet.evaluation.summary", "per-cohort summary table of every trained model"),
+    "report": ("healnet.report.figures", "figures for one cohort: survival curves, c-index, QC, attention"),
 }
 
 

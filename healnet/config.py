@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from healnet.cli import SUBCOMMANDS
-from preprocessing.atomic import atomic_output
-from preprocessing.errors import InputError
+from preprocessing.core.atomic import atomic_output
+from preprocessing.core.errors import InputError
 
 
 def healnet(*args: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import yaml
 from workflow_runner import snakemake
 
 from healnet.config import load_config, validate_config
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,11 +16,12 @@ import pytest
 from scipy.stats import spearmanr
 from sksurv.metrics import concordance_index_censored
 
-import preprocessing.demo as demo_module
+import preprocessing.demo.cohort as demo_module
 from healnet.cli import main as healnet_main
-from preprocessing.demo import DemoPlan, generate, plan_cohort, slide_files, write_tables
-from preprocessing.demo_omics import CNV_GENES, MUTATION_RATES, OMIC_SIGNAL, RNA_GENES
-from preprocessing.demo_render import (
+from preprocessing.core.errors import InputError
+from preprocessing.demo.cohort import DemoPlan, generate, plan_cohort, slide_files, write_tables
+from preprocessing.demo.omics import CNV_GENES, MUTATION_RATES, OMIC_SIGNAL, RNA_GENES
+from preprocessing.demo.render import (
     BACKGROUND,
     MAX_TISSUE,
     MIN_TISSUE,
@@ -28,7 +29,6 @@ from preprocessing.demo_render import (
     map_tumour_share,
     write_slide,
 )
-from preprocessing.errors import InputError
 
 SLIDE_NAME = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-01Z-00-DX\d\."
                         r"[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[0-9A-F]{4}-[0-9A-F]{12}\.svs$")

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from preprocessing import encoders
-from preprocessing.encoders import (
+from preprocessing.core.errors import InputError
+from preprocessing.features import encoders
+from preprocessing.features.encoders import (
     Normalise,
     build_encoder,
     efficientnet_lite0_package_file,
@@ -23,7 +24,6 @@ from preprocessing.encoders import (
     sha256_file,
     state_dict_sha256,
 )
-from preprocessing.errors import InputError
 
 CAT_CLASSES = range(281, 286)  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
 

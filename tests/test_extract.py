@@ -24,7 +24,10 @@ import zarr
 from torch import nn
 
 from healnet.cli import main as healnet_main
-from preprocessing.encoders import (
+from preprocessing.core.errors import InputError
+from preprocessing.core.workers import resolve_workers
+from preprocessing.demo.svs_writer import write_svs_from_array
+from preprocessing.features.encoders import (
     Encoder,
     Normalise,
     build_encoder,
@@ -33,8 +36,7 @@ from preprocessing.encoders import (
     save_frozen_encoder,
     sha256_file,
 )
-from preprocessing.errors import InputError
-from preprocessing.extract import (
+from preprocessing.features.extract import (
     FeatureRunner,
     PatchDataset,
     _embed_patches,
@@ -45,9 +47,7 @@ from preprocessing.extract import (
     is_complete,
     read_store,
 )
-from preprocessing.svs_writer import write_svs_from_array
-from preprocessing.tiles_io import read_tiles, write_tiles
-from preprocessing.workers import resolve_workers
+from preprocessing.tiling.tiles import read_tiles, write_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT, PATCH = 2048, 1024, 256  # 8 x 4 patches, each exactly one JPEG tile of the SVS
@@ -204,7 +204,7 @@ def test_corrupt_tile_is_left_out_and_recorded(data, encoder, tmp_path, caplog):
     slide = _corrupt_tile(data["slide"], tmp_path / "slide.svs", index=10)  # row 1, column 2
     row = write_tiles(tmp_path / "row.parquet", _grid().iloc[8:16], META)  # the 8 patches of row 1
     out = tmp_path / "corrupt.zarr"
-    with caplog.at_level(logging.WARNING, logger="preprocessing.extract"):
+    with caplog.at_level(logging.WARNING, logger="preprocessing.features.extract"):
         result = extract_slide(slide, row, out, encoder=encoder, batch_size=3, max_bad_patch_fraction=0.2,
                                progress=False)
     features, coords, attrs = read_store(out)
@@ -257,7 +257,7 @@ class _ZeroModel(nn.Module):
 def test_all_zero_features_are_written_so_training_opens_the_store(data, tmp_path):
     """zarr leaves a chunk equal to its fill value unwritten unless told; training reads a missing
     chunk as damage, so every chunk must be on disk, zeros included."""
-    from healnet.data import open_store
+    from healnet.data.bags import open_store
 
     blank = Encoder("zero", _ZeroModel(), 4, (32, 32), (0.5,) * 3, (0.5,) * 3, "bilinear", "random", None)
     out = tmp_path / "zero.zarr"

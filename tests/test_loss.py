@@ -9,8 +9,13 @@ import pytest
 import torch
 from sksurv.nonparametric import kaplan_meier_estimator
 
-from healnet.loss import inverse_frequency_weights, nll_survival_loss, risk_from_logits, survival_from_logits
-from healnet.metrics import fold_metrics, survival_at, survival_knots
+from healnet.evaluation.metrics import fold_metrics, survival_at, survival_knots
+from healnet.models.loss import (
+    inverse_frequency_weights,
+    nll_survival_loss,
+    risk_from_logits,
+    survival_from_logits,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from healnet.baselines import build_model, model_spec
 from healnet.modalities import MODEL_MODALITIES
-from healnet.model import HEALNet, LatentSettings
+from healnet.models.baselines import build_model, model_spec
+from healnet.models.healnet import HEALNet, LatentSettings
 
 D, F_RNA, F_CNV = 24, 12, 8
 GROUPS = [("rna", F_RNA), ("cnv", F_CNV)]
@@ -204,8 +204,8 @@ def test_unimodal_specs_drop_the_other_modality() -> None:
 @pytest.mark.parametrize("tokens", ["gene", "modality"])
 def test_omic_attribution_is_the_risk_gradient_times_the_input(tokens: str) -> None:
     """The report ranks genes by this number: it must be d(risk)/d(x_j) * x_j with the slide absent."""
-    from healnet.explain import omic_attribution
-    from healnet.loss import risk_from_logits
+    from healnet.models.loss import risk_from_logits
+    from healnet.report.attention import omic_attribution
 
     model = healnet(omic_tokens=tokens)
     x = make_batch()["omics"][0].numpy()
@@ -225,8 +225,8 @@ def test_omic_attribution_is_the_risk_gradient_times_the_input(tokens: str) -> N
 
 
 def test_survival_to_logits_and_back_is_exact() -> None:
-    from healnet.ensemble import logits_from_survival
-    from healnet.loss import survival_from_logits
+    from healnet.models.ensemble import logits_from_survival
+    from healnet.models.loss import survival_from_logits
 
     logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
     survival = survival_from_logits(logits)
@@ -235,8 +235,8 @@ def test_survival_to_logits_and_back_is_exact() -> None:
 
 @pytest.mark.parametrize("name", sorted(MODEL_MODALITIES))
 def test_a_seed_ensemble_scores_the_mean_survival_curve_of_its_members(name: str) -> None:
-    from healnet.ensemble import SeedEnsemble
-    from healnet.loss import risk_from_logits, survival_from_logits
+    from healnet.models.ensemble import SeedEnsemble
+    from healnet.models.loss import risk_from_logits, survival_from_logits
 
     spec = model_spec(name, n_bins=4, wsi_dim=D, n_omics=F_RNA + F_CNV, omic_groups=GROUPS,
                       healnet_cfg={"n_latents": 8, "latent_dim": 16}, training_cfg={})

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 
 from healnet.cli import main as healnet_main
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 from preprocessing.omics.barcodes import choose_samples
 from preprocessing.omics.cli import cli
 from preprocessing.omics.join import list_slide_files
 from preprocessing.omics.readers import read_omics
-from preprocessing.tiles_io import write_tiles
+from preprocessing.tiling.tiles import write_tiles
 
 GENES = ["TP53", "EGFR", "KRAS", "STK11", "KEAP1", "MKI67"]
 UUID = "0a1b2c3d-1111-2222-3333-444455556666"

@@ -185,7 +185,7 @@ def test_cox_screen_keeps_prognostic_genes_and_ignores_held_out_labels() -> None
     assert by_mad.feature_names_ == ["rna:G0"]
     # healnet's fold fit reads only the training patients' survival: held-out survival rewritten to
     # follow gene G3 exactly (which a fit over every row would pick up) changes nothing
-    from healnet.train import fit_omics
+    from healnet.training.cv import fit_omics
 
     frame.index = pd.Index([f"P{i}" for i in range(n)], name="patient")
     survival = pd.DataFrame({"time": time, "event": event}, index=frame.index)

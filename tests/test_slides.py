@@ -1,4 +1,4 @@
-"""Opening slides, the MPP chain, level choice and physical patch reading (preprocessing.slides)."""
+"""Opening slides, the MPP chain, level choice and physical patch reading (preprocessing.slides.reader)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import openslide
 import pytest
 import tifffile
 
-from preprocessing.errors import InputError
-from preprocessing.slides import (
+from preprocessing.core.errors import InputError
+from preprocessing.demo.svs_writer import write_svs_from_array
+from preprocessing.slides.reader import (
     level_for_mpp,
     open_slide,
     patch_size_level0,
@@ -21,7 +22,6 @@ from preprocessing.slides import (
     resolve_mpp,
     rgba_to_rgb,
 )
-from preprocessing.svs_writer import write_svs_from_array
 
 DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 

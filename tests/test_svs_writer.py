@@ -9,8 +9,8 @@ import numpy as np
 import openslide
 import pytest
 
-from preprocessing import svs_writer
-from preprocessing.svs_writer import pyramid_sizes, write_aperio_svs, write_svs_from_array
+from preprocessing.demo import svs_writer
+from preprocessing.demo.svs_writer import pyramid_sizes, write_aperio_svs, write_svs_from_array
 
 
 def gradient(ds: float, x: int, y: int, w: int, h: int) -> np.ndarray:

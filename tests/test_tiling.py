@@ -12,12 +12,12 @@ import tifffile
 from PIL import Image
 
 from healnet.cli import main
-from preprocessing.errors import InputError
-from preprocessing.slides import read_patch
-from preprocessing.svs_writer import write_svs_from_array
-from preprocessing.tiles_io import read_tiles
-from preprocessing.tiling import cli as tile_cli
-from preprocessing.tiling import tile_slide
+from preprocessing.core.errors import InputError
+from preprocessing.demo.svs_writer import write_svs_from_array
+from preprocessing.slides.reader import read_patch
+from preprocessing.tiling.tile import cli as tile_cli
+from preprocessing.tiling.tile import tile_slide
+from preprocessing.tiling.tiles import read_tiles
 from preprocessing.tissue import box_fractions, tissue_mask
 
 DATA = Path(__file__).parents[1] / ".." / "shared" / "data"

@@ -18,9 +18,11 @@ import zarr
 pytest.importorskip("preprocessing.omics.transforms")
 pytest.importorskip("preprocessing.omics.labels")
 
-from healnet import evaluate, explain, train  # noqa: E402
 from healnet.cli import main as healnet_main  # noqa: E402
-from preprocessing.errors import InputError  # noqa: E402
+from healnet.evaluation import summary as evaluate  # noqa: E402
+from healnet.report import attention as explain  # noqa: E402
+from healnet.training import cv as train  # noqa: E402
+from preprocessing.core.errors import InputError  # noqa: E402
 
 # The device of every `healnet train` call here; HEALNET_TEST_DEVICE=cuda runs them on a GPU.
 DEVICE = os.environ.get("HEALNET_TEST_DEVICE", "cpu")
@@ -302,8 +304,8 @@ def assert_same_outputs(outputs: list[tuple[pd.DataFrame, pd.DataFrame, list]]) 
 
 
 def count_store_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The paths healnet.data.read_store is called with from now on (in this process)."""
-    from healnet import data
+    """The paths healnet.data.bags.read_store is called with from now on (in this process)."""
+    from healnet.data import bags as data
 
     reads: list[Path] = []
     read_store = data.read_store
@@ -365,7 +367,7 @@ def test_a_cache_that_cannot_be_written_costs_no_second_decoding(
     cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from healnet import data
+    from healnet.data import bags as data
 
     omics_dir, features_dir, _ = cohort
     manifest = data.load_omics_dir(omics_dir).manifest
@@ -467,7 +469,7 @@ class ListDataset(torch.utils.data.Dataset):
 def test_bags_of_a_batch_are_padded_with_zeros_and_masked(workers: int) -> None:
     # A reader process builds its batch in shared memory, left uninitialised: the padding must be
     # written, since masked patches still pass through the model's matrix products (NaN * 0 = NaN).
-    from healnet.data import collate_bags
+    from healnet.data.bags import collate_bags
 
     rng = np.random.default_rng(0)
     bags = [rng.standard_normal((n, 5)).astype(np.float16) for n in (3, 7)] + [None]
@@ -523,8 +525,8 @@ def test_early_stopping_uses_an_inner_split_of_the_training_fold(
 def test_early_stopping_without_a_comparable_pair_keeps_the_epoch_with_the_lowest_validation_loss() -> None:
     """A small inner split may hold no death, or none before another patient's time: its c-index is
     undefined at every epoch, so epochs are ranked by the validation NLL instead of keeping epoch 0."""
-    from healnet.baselines import SNN
-    from healnet.data import BagDataset
+    from healnet.data.bags import BagDataset
+    from healnet.models.baselines import SNN
 
     assert np.isnan(train._c_index(np.array([1.0, 2.0]), np.array([0, 1]), np.array([0.3, 0.1])))
     rng = np.random.default_rng(0)
@@ -551,7 +553,7 @@ def test_bags_kept_in_ram_are_copied_out_of_the_readers_shared_memory(
 ) -> None:
     """On CPU, a kept bag that stayed a view of a reader's batch would hold that batch's shared-memory
     file descriptors open: two per patient, so a 500-patient fold hit the usual limit of 1,024."""
-    from healnet import data
+    from healnet.data import bags as data
 
     omics_dir, features_dir, _ = cohort
     manifest = data.load_omics_dir(omics_dir).manifest
@@ -738,7 +740,7 @@ def test_the_report_draws_only_the_models_it_is_given(
 ) -> None:
     """A model dropped from `models:` leaves its results folder behind; the report (which the
     workflow gives the configured models) must not plot it, nor read a left-over HEALNet."""
-    from healnet import report
+    from healnet.report import figures as report
 
     omics_dir, features_dir, config = cohort
     results = healnet_run / "results"
@@ -759,8 +761,8 @@ def test_the_report_draws_only_the_models_it_is_given(
 
 
 def test_failed_slides_lists_a_slide_whose_extraction_was_recorded_as_failed(tmp_path: Path) -> None:
-    from healnet.report import failed_slides
-    from preprocessing.tiles_io import write_tiles
+    from healnet.report.figures import failed_slides
+    from preprocessing.tiling.tiles import write_tiles
 
     grid = pd.DataFrame({"x": [0, 256], "y": [0, 0], "tissue_fraction": [1.0, 1.0]})
     for stem in ("TCGA-AA-0001-01Z-00-DX1", "TCGA-AA-0002-01Z-00-DX1"):
@@ -783,7 +785,7 @@ def test_failed_slides_lists_a_slide_whose_extraction_was_recorded_as_failed(tmp
 
 
 def test_the_report_names_an_unreadable_predictions_file(tmp_path: Path) -> None:
-    from healnet.report import load_predictions
+    from healnet.report.figures import load_predictions
 
     (tmp_path / "snn").mkdir()
     (tmp_path / "snn" / "predictions.parquet").write_bytes(b"PAR1 cut short")
@@ -794,7 +796,7 @@ def test_the_report_names_an_unreadable_predictions_file(tmp_path: Path) -> None
 def test_kaplan_meier_groups_hold_only_patients_the_model_scored(tmp_path: Path) -> None:
     """A patient without any modality the model reads got the training median as a stand-in risk;
     counted in the low-risk group it would bend that curve and the log-rank test."""
-    from healnet.report import plot_km_curves
+    from healnet.report.figures import plot_km_curves
 
     rng = np.random.default_rng(0)
     n = 30

@@ -19,8 +19,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing.atomic import atomic_output, make_parent
-from preprocessing.errors import InputError
+from preprocessing.core.atomic import atomic_output, make_parent
+from preprocessing.core.errors import InputError
 from preprocessing.omics.barcodes import describe_rows
 from preprocessing.omics.join import build_features, build_manifest, list_slide_files, read_slide_list
 from preprocessing.omics.labels import fold_time_bins

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 from preprocessing.omics.barcodes import describe_rows, parse_barcode, slide_patient
 from preprocessing.omics.readers import MODALITIES, CohortTables, slide_stem
-from preprocessing.slide_files import SLIDE_SUFFIXES, SlideFolderError, find_slide_files
-from preprocessing.tiles_io import read_tiles
+from preprocessing.slides.files import SLIDE_SUFFIXES, SlideFolderError, find_slide_files
+from preprocessing.tiling.tiles import read_tiles
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ CLINICAL_COVARIATES = ("age", "is_female")
 
 
 def list_slide_files(folder: str | Path) -> list[str]:
-    """Stems of the slide files in ``folder`` or its subfolders (:mod:`preprocessing.slide_files`)."""
+    """Stems of the slide files in ``folder`` or its subfolders (:mod:`preprocessing.slides.files`)."""
     folder = Path(folder)
     try:
         stems = list(find_slide_files(folder))

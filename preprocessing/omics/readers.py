@@ -56,9 +56,9 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 from preprocessing.omics.barcodes import choose_samples, describe_rows, is_barcode, parse_barcode
-from preprocessing.slide_files import SLIDE_SUFFIXES
+from preprocessing.slides.files import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import KFold, StratifiedKFold
 
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 from preprocessing.omics.barcodes import describe_rows, parse_barcode
 from preprocessing.omics.labels import TimeBins
 

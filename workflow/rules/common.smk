@@ -19,7 +19,7 @@ ENCODER = config["extract"]["encoder"]
 from healnet.config import BAGS_ON_DEVICE_SETTING_WORDS, TRAINING_RUN_SETTINGS
 from healnet.modalities import MODEL_MODALITIES, READS_HEALNET_SETTINGS, uses_training_setting
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
-from preprocessing.slide_files import SlideFolderError, find_slide_files
+from preprocessing.slides.files import SlideFolderError, find_slide_files
 
 
 def cohort_config(cohort):
@@ -43,7 +43,7 @@ def omics_source(cohort):
 
 
 def demo_plan(cohort):
-    from preprocessing.demo import plan_cohort
+    from preprocessing.demo.cohort import plan_cohort
 
     d = config["demo"]
     return plan_cohort(d["patients"], d["seed"], d["long_side_px"], d["corrupt_slides"])
@@ -59,7 +59,7 @@ def cohort_slides(cohort):
     """
     folder = slides_dir(cohort)
     if is_demo(cohort):
-        from preprocessing.demo import slide_files
+        from preprocessing.demo.cohort import slide_files
 
         return {Path(n).stem: str(Path(folder) / n) for n in slide_files(demo_plan(cohort))}
     if not folder:
@@ -136,7 +136,7 @@ DEMO_TABLES = ["clinical.tsv", "rna.tsv", "cnv.tsv", "mutations.maf"]
 
 
 def demo_slide_names():
-    from preprocessing.demo import slide_files
+    from preprocessing.demo.cohort import slide_files
 
     return slide_files(demo_plan(DEMO_COHORTS[0])) if DEMO_COHORTS else []
 

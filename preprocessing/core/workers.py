@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 
 AUTO = "auto"
 

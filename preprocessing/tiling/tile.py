@@ -7,7 +7,7 @@ low-resolution level is read (the tissue mask works at ~8 um/px), so tiling a 10
 about a second. Patches are kept when their tissue fraction (from the mask) reaches
 ``min_tissue_fraction``.
 
-Output: the tiles Parquet file (:mod:`preprocessing.tiles_io`) and, with ``--qc``, a PNG showing the
+Output: the tiles Parquet file (:mod:`preprocessing.tiling.tiles`) and, with ``--qc``, a PNG showing the
 thumbnail, the tissue outline (green), excluded pen marks (magenta), the kept patches (blue) and,
 above or beside it, the slide, MPP and its source, level and patch count; the picture is at most
 QC_MAX_HEIGHT px tall. Both are written atomically.
@@ -38,9 +38,9 @@ import openslide
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from preprocessing.atomic import atomic_output
-from preprocessing.errors import InputError
-from preprocessing.slides import (
+from preprocessing.core.atomic import atomic_output
+from preprocessing.core.errors import InputError
+from preprocessing.slides.reader import (
     LEVEL_TOLERANCE,
     level_for_mpp,
     open_slide,
@@ -50,7 +50,7 @@ from preprocessing.slides import (
     read_patch,
     resolve_mpp,
 )
-from preprocessing.tiles_io import write_tiles
+from preprocessing.tiling.tiles import write_tiles
 from preprocessing.tissue import MaskParams, TissueMask, box_fractions, tissue_mask
 
 log = logging.getLogger(__name__)

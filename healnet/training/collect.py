@@ -18,9 +18,9 @@ from typing import Any
 import pandas as pd
 
 from healnet.config import TRAINING_RUN_SETTINGS
-from healnet.evaluate import check_folds_table
-from preprocessing.atomic import atomic_output
-from preprocessing.errors import InputError
+from healnet.evaluation.summary import check_folds_table
+from preprocessing.core.atomic import atomic_output
+from preprocessing.core.errors import InputError
 
 
 def parse_folds(text: str | None) -> list[int] | None:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocessing.atomic import atomic_output
-from preprocessing.errors import InputError
+from preprocessing.core.atomic import atomic_output
+from preprocessing.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -53,10 +53,8 @@ from sklearn.model_selection import train_test_split
 from sksurv.metrics import concordance_index_censored
 from torch.optim.swa_utils import AveragedModel
 
-from healnet.baselines import build_model, model_spec
-from healnet.collect import parse_folds
 from healnet.config import BAGS_ON_DEVICE_WORDS, TRAINING_RUN_SETTINGS, load_config
-from healnet.data import (
+from healnet.data.bags import (
     BagBatchSampler,
     BagDataset,
     OmicsTables,
@@ -66,13 +64,20 @@ from healnet.data import (
     load_omics_dir,
     make_loader,
 )
-from healnet.ensemble import SeedEnsemble, fold_seed
-from healnet.loss import inverse_frequency_weights, nll_survival_loss, risk_from_logits, survival_from_logits
-from healnet.metrics import fold_metrics, survival_at, survival_knots
+from healnet.evaluation.metrics import fold_metrics, survival_at, survival_knots
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
-from preprocessing.atomic import atomic_output, remove_stale_temporaries
-from preprocessing.errors import InputError
-from preprocessing.workers import resolve_workers, workers_argument
+from healnet.models.baselines import build_model, model_spec
+from healnet.models.ensemble import SeedEnsemble, fold_seed
+from healnet.models.loss import (
+    inverse_frequency_weights,
+    nll_survival_loss,
+    risk_from_logits,
+    survival_from_logits,
+)
+from healnet.training.collect import parse_folds
+from preprocessing.core.atomic import atomic_output, remove_stale_temporaries
+from preprocessing.core.errors import InputError
+from preprocessing.core.workers import resolve_workers, workers_argument
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 import scipy.fft
 
-from preprocessing.atomic import atomic_output
-from preprocessing.svs_writer import write_aperio_svs
+from preprocessing.core.atomic import atomic_output
+from preprocessing.demo.svs_writer import write_aperio_svs
 
 BASE_MPP = 0.25                        # textures are drawn at 40x ...
 TEXTURE_PX = 2048                      # ... as periodic squares of this many pixels (512 um)
@@ -404,7 +404,7 @@ class _Level:
 
 
 def slide_renderer(spec: SlideSpec) -> Callable[[float, int, int, int, int], np.ndarray]:
-    """The render callback of one slide for :func:`preprocessing.svs_writer.write_aperio_svs`."""
+    """The render callback of one slide for :func:`preprocessing.demo.svs_writer.write_aperio_svs`."""
     layout, cell = layout_map(spec)
     rng = np.random.default_rng([4, spec.seed])
     stain = (float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.85, 1.15)))

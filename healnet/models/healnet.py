@@ -18,7 +18,7 @@ Tokens: one token per WSI patch (feature dim as channels); omics tokenised by ``
   sizes of most TCGA cohorts (tens of deaths per training fold) it generalised better than per-gene
   tokens: with the same 8-per-modality Cox screen, on three independent demo-generator cohorts,
   HEALNet's c-index averaged 0.704 against 0.671 with gene tokens (omics only 0.655 against 0.594).
-  Which genes mattered is read from gradient x input in the report (``healnet.explain``).
+  Which genes mattered is read from gradient x input in the report (``healnet.report.attention``).
 - ``gene``: one token per omic feature, ``value * w_g + b_g`` with per-feature embeddings
   (FT-Transformer-like). Attention is then per gene, so the attention weights name genes; it has
   more freedom to fit noise when events are few.

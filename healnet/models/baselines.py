@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from healnet.ensemble import SeedEnsemble
 from healnet.modalities import MODEL_MODALITIES, READS_HEALNET_SETTINGS
-from healnet.model import (
+from healnet.models.ensemble import SeedEnsemble
+from healnet.models.healnet import (
     LATENT_KEYS,
     HEALNet,
     LatentSettings,
@@ -123,7 +123,7 @@ class EarlyFusionPerceiver(nn.Module):
     """Perceiver over ONE token sequence: projected WSI patch tokens followed by projected omic tokens.
 
     Missing modalities are masked out of that sequence per sample. Arguments are HEALNet's: the
-    :class:`~healnet.model.LatentSettings` keywords, whose names and defaults live there.
+    :class:`~healnet.models.healnet.LatentSettings` keywords, whose names and defaults live there.
     """
 
     def __init__(

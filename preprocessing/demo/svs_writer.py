@@ -15,7 +15,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from preprocessing.atomic import atomic_output
+from preprocessing.core.atomic import atomic_output
 
 #: render(downsample, x, y, width, height) -> uint8 array (height, width, 3) in that level's pixels.
 RenderFn = Callable[[float, int, int, int, int], np.ndarray]

@@ -25,11 +25,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from healnet.evaluate import read_folds  # noqa: E402
-from preprocessing.atomic import atomic_output  # noqa: E402
-from preprocessing.errors import InputError, one_line  # noqa: E402
-from preprocessing.slide_files import SlideFolderError, find_slide_files  # noqa: E402
-from preprocessing.tiles_io import read_tiles  # noqa: E402
+from healnet.evaluation.summary import read_folds  # noqa: E402
+from preprocessing.core.atomic import atomic_output  # noqa: E402
+from preprocessing.core.errors import InputError, one_line  # noqa: E402
+from preprocessing.slides.files import SlideFolderError, find_slide_files  # noqa: E402
+from preprocessing.tiling.tiles import read_tiles  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def cli(argv: list[str] | None = None) -> int:
     failed = failed_slides(args.tiles_dir, args.features_dir, slides)
     write_csv(failed, args.results_dir / "failed_slides.csv")
 
-    from healnet import explain
+    from healnet.report import attention as explain
 
     # Only a configured HEALNet is drawn: a checkpoint folder left over from an earlier run is not read.
     healnet_preds = predictions[predictions["model"] == "healnet"]

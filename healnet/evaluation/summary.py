@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from healnet.metrics import METRICS
+from healnet.evaluation.metrics import METRICS
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
-from preprocessing.atomic import atomic_output
-from preprocessing.errors import InputError
+from preprocessing.core.atomic import atomic_output
+from preprocessing.core.errors import InputError
 
 SETTING_ORDER = ("full", "omics_only", "wsi_only", "random_half")
 FOLD_COLUMNS = ("model", "fold", "setting", "metric", "value")

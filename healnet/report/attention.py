@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from healnet.data import read_store  # noqa: E402
-from healnet.report import message_figure, save_figure  # noqa: E402
-from preprocessing.tiles_io import read_tiles  # noqa: E402
+from healnet.data.bags import read_store  # noqa: E402
+from healnet.report.figures import message_figure, save_figure  # noqa: E402
+from preprocessing.tiling.tiles import read_tiles  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def omic_attribution(model: torch.nn.Module, omics: np.ndarray) -> np.ndarray:
     Positive values push the predicted risk up. Computed with the slide branch skipped so that the
     number reads as "what the omic input alone contributes" for every patient alike.
     """
-    from healnet.loss import risk_from_logits
+    from healnet.models.loss import risk_from_logits
 
     x = torch.from_numpy(omics)[None].requires_grad_(True)
     with torch.enable_grad():
@@ -145,7 +145,7 @@ def draw_attention_figures(models_dir: Path | None, predictions: pd.DataFrame, o
     ``predictions`` its held-out risks (all settings), used to pick the highest- and lowest-risk
     patients to draw.
     """
-    from healnet.train import load_checkpoint
+    from healnet.training.cv import load_checkpoint
 
     checkpoints = sorted(models_dir.glob("fold*.pt")) if models_dir is not None else []
     if not checkpoints:

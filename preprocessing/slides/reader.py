@@ -39,7 +39,7 @@ import numpy as np
 import openslide
 import pandas as pd
 
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ can call it at parse time to learn the slide file names), then :func:`generate` 
 
 Survival signal: ``true_risk = histology_risk + omic_risk + noise_risk``. The histology part comes from
 each patient's tumour fraction (share of the tissue that is tumour-like on the slides), the omic part
-from a few named genes (:data:`preprocessing.demo_omics.OMIC_SIGNAL`); each part alone ranks patients
+from a few named genes (:data:`preprocessing.demo.omics.OMIC_SIGNAL`); each part alone ranks patients
 clearly worse than both together, so a model that fuses slides and omics can beat either alone.
 """
 
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from preprocessing.atomic import atomic_output
-from preprocessing.demo_omics import CNV_GENES, OMIC_SIGNAL, RNA_GENES, OmicDraw, draw_omics, survival_times
-from preprocessing.demo_render import SlideSpec, write_slide
-from preprocessing.errors import InputError
+from preprocessing.core.atomic import atomic_output
+from preprocessing.core.errors import InputError
+from preprocessing.demo.omics import CNV_GENES, OMIC_SIGNAL, RNA_GENES, OmicDraw, draw_omics, survival_times
+from preprocessing.demo.render import SlideSpec, write_slide
 
 log = logging.getLogger(__name__)
 

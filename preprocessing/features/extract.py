@@ -1,8 +1,8 @@
 """Patch embeddings of one slide into a Zarr v3 store (``healnet extract``).
 
-Reads the patches listed in a tiles file (see :mod:`preprocessing.tiles_io`) through a torch
+Reads the patches listed in a tiles file (see :mod:`preprocessing.tiling.tiles`) through a torch
 DataLoader whose worker processes each open their own slide handle, runs them through an encoder
-(:mod:`preprocessing.encoders`) and writes ``features`` (N x D) and ``coords`` (N x 2, level-0 px)
+(:mod:`preprocessing.features.encoders`) and writes ``features`` (N x D) and ``coords`` (N x 2, level-0 px)
 with attributes that say how they were made. The store appears under its final name only once
 complete (``complete: true`` is its last attribute), so a killed job never leaves one that looks done.
 
@@ -46,8 +46,10 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from preprocessing.atomic import atomic_output, make_parent, remove_stale_temporaries
-from preprocessing.encoders import (
+from preprocessing.core.atomic import atomic_output, make_parent, remove_stale_temporaries
+from preprocessing.core.errors import InputError
+from preprocessing.core.workers import resolve_workers, workers_argument
+from preprocessing.features.encoders import (
     DEFAULT_ENCODER,
     RANDOM,
     STAIN_METHODS,
@@ -61,9 +63,7 @@ from preprocessing.encoders import (
     resize_patch,
     rgba_to_rgb,
 )
-from preprocessing.errors import InputError
-from preprocessing.tiles_io import read_tiles
-from preprocessing.workers import resolve_workers, workers_argument
+from preprocessing.tiling.tiles import read_tiles
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class FeatureRunner:
     """Encoder + normalisation on one device: uint8 NHWC batches in, float32 features out.
 
     channels_last memory on CPU and GPU; on CPU the model is traced and frozen
-    (:func:`preprocessing.encoders.freeze_model`, unless it comes frozen from an encoder file); on
+    (:func:`preprocessing.features.encoders.freeze_model`, unless it comes frozen from an encoder file); on
     CUDA autocast (bf16 where supported, else fp16) and non-blocking copies from pinned memory.
     ``pad_to`` pads shorter batches with blank patches (dropped from the output), so that the model
     sees a single batch shape: on an H200 each new shape cost 2-3.5 s of one-off set-up in every

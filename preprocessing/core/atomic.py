@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from preprocessing.errors import InputError
+from preprocessing.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from healnet.loss import survival_from_logits
+from healnet.models.loss import survival_from_logits
 
 
 def fold_seed(training_seed: int, fold: int, member: int = 0) -> int:

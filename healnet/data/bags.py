@@ -31,8 +31,8 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from preprocessing.atomic import atomic_output
-from preprocessing.errors import InputError, one_line
+from preprocessing.core.atomic import atomic_output
+from preprocessing.core.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing.atomic import atomic_output
+from preprocessing.core.atomic import atomic_output
 
 META_KEY = b"healnet"
 COLUMNS = {"x": "int64", "y": "int64", "tissue_fraction": "float32"}
