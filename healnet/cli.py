@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -65,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"healnet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # OpenMP threads that sleep instead of spinning while they wait for each other, set before torch
+    # loads libgomp: with reader processes and other jobs sharing the cores, spinning threads waiting
+    # for a descheduled sibling at every layer made 2-thread inference slower than 1 thread.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s healnet {name} %(levelname)s: %(message)s")
     stop_cleanly_on_sigterm()
     module = importlib.import_module(SUBCOMMANDS[name][0])
