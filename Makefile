@@ -13,12 +13,21 @@ CORES ?= 2
 # job. Jobs write their bytecode once, under .venv (never into the source tree), and reuse it.
 RUN_ENV := env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
 
+# Where the run writes everything: config.yaml's `outdir`, or the schema's default when it has none.
+# Read when a recipe runs (after .venv exists), so that editing config.yaml needs no other change.
+OUTDIR = $(shell $(BIN)/python -c 'import yaml; \
+	c = yaml.safe_load(open("config.yaml")) or {}; \
+	s = yaml.safe_load(open("workflow/schemas/config.schema.yaml")); \
+	print(c.get("outdir", s["properties"]["outdir"]["default"]))')
+
 # The HTML report is only rebuilt when a result or QC picture is newer than it, so a second
 # `make run` with nothing to do runs no job and writes nothing.
 run: $(STAMP)
 	$(RUN_ENV) $(BIN)/snakemake --cores $(CORES)
-	@if [ ! -f report.html ] || [ -n "$$(find results qc -newer report.html -print -quit)" ]; then \
-		$(RUN_ENV) $(BIN)/snakemake --report report.html; fi
+	@out='$(OUTDIR)'; [ -n "$$out" ] || { echo "no outdir read from config.yaml" >&2; exit 1; }; \
+	report="$$out/report.html"; \
+	if [ ! -f "$$report" ] || [ -n "$$(find "$$out/results" "$$out/qc" -newer "$$report" -print -quit 2>/dev/null)" ]; then \
+		echo "$(BIN)/snakemake --report $$report"; $(RUN_ENV) $(BIN)/snakemake --report "$$report"; fi
 
 test: $(STAMP)
 	$(RUN_ENV) $(BIN)/pytest -q
@@ -38,5 +47,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[dev,slurm]'
 	touch $(STAMP)
 
-clean-outputs:
-	rm -rf data tiles qc features omics models results logs report.html .snakemake
+# Deletes the output folder (refusing one that holds this repository) and Snakemake's records.
+clean-outputs: $(STAMP)
+	@out="$$(realpath -m '$(OUTDIR)')"; \
+	case "$(CURDIR)/" in "$$out"/*) echo "outdir $$out holds the repository: not deleting it" >&2; exit 1;; esac; \
+	echo "rm -rf $$out .snakemake"; rm -rf "$$out" .snakemake

@@ -1,14 +1,19 @@
 # HEALNet pipeline: whole-slide images + omic tables -> per-cohort survival models and a report.
 #
-# Data flow (one rule per arrow; see README "Outputs"):
+# Each rule runs the `healnet` subcommand of its name. Every file it writes lies under config
+# `outdir` (default output/); its log is {outdir}/logs/{rule}/... and its benchmark
+# {outdir}/benchmarks/{rule}/... Data flow (one rule per arrow; paths under outdir):
 #   demo     -> data/{cohort}/slides/*.svs, data/{cohort}/omics/*      (cohorts with demo: true)
 #   tile     -> tiles/{cohort}/{slide}.parquet, qc/{cohort}/{slide}.png
+#   encoder  -> features/{cohort}/{encoder}/encoder.pt                  (the encoder, built once)
 #   extract  -> features/{cohort}/{encoder}/{slide}.zarr
 #   omics    -> omics/{cohort}/manifest.parquet, features.parquet, splits.parquet
-#   train_fold -> models/{cohort}/{model}/fold{k}.pt, results/{cohort}/{model}/fold{k}/*   (one job per fold)
-#   train    -> results/{cohort}/{model}/folds.csv, predictions.parquet   (the folds joined)
+#   train    -> models/{cohort}/{model}/fold{k}.pt, results/{cohort}/{model}/fold{k}/*  (one job per fold)
+#   collect  -> results/{cohort}/{model}/folds.csv, predictions.parquet, log.json   (the folds joined)
 #   evaluate -> results/{cohort}/summary.csv, summary.md, summary.html
-#   report   -> results/{cohort}/figures/*.png   (and `snakemake --report report.html`)
+#   report   -> results/{cohort}/figures/*.png, failed_slides.csv
+# (config_snapshot writes results/{cohort}/{model}/config.json, the settings a model trains with.)
+# `make run` then builds {outdir}/report.html with `snakemake --report`.
 
 import sys
 

@@ -2,8 +2,8 @@
 
 A pathologist's first `snakemake -n` on a 500-slide cohort should answer in seconds, and the time
 should grow in proportion to the slides (each slide adds two jobs), not with their square. For each
-cohort size the script makes a folder of empty ``.svs`` files (a dry run checks only that inputs
-exist), a working directory whose config.yaml names that one cohort, and times
+cohort size the script makes, in a temporary folder, a folder of empty ``.svs`` files (a dry run
+checks only that inputs exist) and a working directory whose config.yaml names that one cohort, and times
 ``snakemake -n --quiet`` there. It prints the seconds per size, the seconds per extra slide
 between consecutive sizes, and the ratio of the last to the first of those costs: about 1 when the
 planning time is linear in the slides, about the ratio of the sizes when it is quadratic.
@@ -14,22 +14,20 @@ planning time is linear in the slides, about the ratio of the sizes when it is q
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "out" / "dag_build"
 
 
-def make_workdir(n_slides: int) -> Path:
-    """A working directory planning one cohort of ``n_slides`` (empty) slide files."""
-    work = OUT / f"n{n_slides}"
-    shutil.rmtree(work, ignore_errors=True)
+def make_workdir(scratch: Path, n_slides: int) -> Path:
+    """A working directory under ``scratch`` planning one cohort of ``n_slides`` (empty) slide files."""
+    work = scratch / f"n{n_slides}"
     slides = work / "slides"
     slides.mkdir(parents=True)
     for i in range(n_slides):
@@ -60,16 +58,16 @@ def main() -> None:
     if len(sizes) < 3:  # two sizes give one step, whose cost per slide compares with nothing
         raise SystemExit("give at least three cohort sizes")
     seconds = {}
-    for n in sizes:
-        seconds[n] = plan_seconds(make_workdir(n))
-        print(f"{n:6d} slides: dry run {seconds[n]:6.1f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="dag_build_") as scratch:
+        for n in sizes:
+            seconds[n] = plan_seconds(make_workdir(Path(scratch), n))
+            print(f"{n:6d} slides: dry run {seconds[n]:6.1f} s", flush=True)
     steps = list(zip(sizes, sizes[1:], strict=False))
     marginal = [(seconds[b] - seconds[a]) / (b - a) for a, b in steps]
     for (a, b), cost in zip(steps, marginal, strict=True):
         print(f"{a}->{b} slides: {1000 * cost:.1f} ms per extra slide")
     print(f"cost per slide, last step / first step: {marginal[-1] / marginal[0]:.2f} "
           f"(linear ~1; quadratic ~{(sizes[-1] + sizes[-2]) / (sizes[1] + sizes[0]):.1f})")
-    shutil.rmtree(OUT, ignore_errors=True)
 
 
 if __name__ == "__main__":

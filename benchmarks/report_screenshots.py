@@ -1,10 +1,11 @@
 """Screenshots of the Snakemake HTML report, for reviewing it without opening a browser.
 
-report.html (``snakemake --report report.html``) is a single-file React app with no deep links, so a
-plain ``chromium --headless --screenshot`` only shows its landing page. This script starts headless
-Chromium with the DevTools protocol (through ``websocket-client``, already pinned in constraints.txt),
-clicks through the report's menu like a reader would (each category, each subcategory, each result's
-view and info buttons) and saves one PNG per view, printing each file it wrote:
+The report ``make run`` writes (``{outdir}/report.html``, by default ``output/report.html``) is a
+single-file React app with no deep links, so a plain ``chromium --headless --screenshot`` only shows
+its landing page. This script starts headless Chromium with the DevTools protocol (through
+``websocket-client``, already pinned in constraints.txt), clicks through the report's menu like a
+reader would (each category, each subcategory, each result's view and info buttons) and saves one PNG
+per view, printing each file it wrote:
 
 * ``00_landing.png``: the start page (workflow description and rule graph);
 * ``NN_<category>[_<subcategory>].png``: the result list of a (sub)category;
@@ -15,8 +16,10 @@ writes ``..._<file>_preview.png``, the file's content drawn as an HTML table in 
 pane (this view is the script's, not the report's). Needs Debian's ``chromium`` (``apt-get install -y
 chromium``)::
 
-    .venv/bin/python benchmarks/report_screenshots.py [report.html] [--out benchmarks/out/report_screens]
-        [--limit N]   # at most N results per subcategory
+    .venv/bin/python benchmarks/report_screenshots.py [REPORT] [--out DIR] [--limit N]
+
+REPORT defaults to the report under config.yaml's ``outdir``, DIR to ``report_screens`` beside it;
+``--limit N`` takes at most N results per subcategory.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import websocket
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 1400, 1000
@@ -239,10 +243,18 @@ def take(page: Page, report: Path, out: Path, limit: int | None) -> None:
                 page.settle()
 
 
+def output_folder() -> Path:
+    """The run's output folder: config.yaml's ``outdir`` (the schema's default when it has none),
+    relative to the repository, where ``make run`` runs Snakemake."""
+    config = yaml.safe_load((ROOT / "config.yaml").read_text()) or {}
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    return ROOT / config.get("outdir", schema["properties"]["outdir"]["default"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("report", nargs="?", type=Path, default=ROOT / "report.html")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/out/report_screens")
+    ap.add_argument("report", nargs="?", type=Path, default=output_folder() / "report.html")
+    ap.add_argument("--out", type=Path, default=output_folder() / "report_screens")
     ap.add_argument("--limit", type=int, default=None, help="at most this many results per subcategory")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,16 +13,24 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from workflow_runner import REPO, SNAKEMAKE, job_counts, snakemake
+from workflow_runner import REPO, SNAKEMAKE, job_blocks, job_counts, snakemake
 
+# The tiny run writes under an output folder of its own, nested and with a space in its name, so that
+# every rule's paths are seen to follow `outdir` and to be quoted in its command.
+OUT = "runs/tiny run"
 TINY = {
     "cohorts": {"TINY": {"demo": True}},
+    "outdir": OUT,
     "demo": {"patients": 12, "seed": 3, "long_side_px": 3000, "corrupt_slides": 1},
     "omics": {"n_folds": 3, "n_bins": 3},
     "training": {"epochs": 3, "max_patches_train": 256},
     "healnet": {"depth": 1, "n_latents": 8, "latent_dim": 32},
     "report": {"heatmap_slides": 2},
 }
+
+# Every rule but `all`, each named after what it runs (see the name test below).
+RULES = {"demo", "tile", "encoder", "extract", "omics", "config_snapshot", "train", "collect", "evaluate",
+         "report"}
 
 
 @pytest.fixture(scope="module")
@@ -35,31 +43,69 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_whole_dag_runs_and_second_run_does_nothing(tiny_run: Path) -> None:
-    summary = pd.read_csv(tiny_run / "results/TINY/summary.csv")
+    out = tiny_run / OUT
+    summary = pd.read_csv(out / "results/TINY/summary.csv")
     assert {"healnet", "snn", "abmil", "perceiver", "late_fusion"} <= set(summary["model"])
     assert summary["c_index_mean"].between(0, 1).all()
-    assert (tiny_run / "results/TINY/summary.md").read_text().count("|") > 10
-    assert (tiny_run / "results/TINY/summary.html").read_text(encoding="utf-8").count("<tr") > 5
+    assert (out / "results/TINY/summary.md").read_text().count("|") > 10
+    assert (out / "results/TINY/summary.html").read_text(encoding="utf-8").count("<tr") > 5
     for fig in ["km_curves.png", "c_index.png", "attention_wsi.png", "attention_omics.png"]:
-        assert (tiny_run / "results/TINY/figures" / fig).stat().st_size > 5000
+        assert (out / "results/TINY/figures" / fig).stat().st_size > 5000
     # the models are trained with the configured number of time bins (the omics step's), and a model
     # not built from the healnet section is not given it (a change there does not retrain it)
-    snn = torch.load(tiny_run / "models/TINY/snn/fold0.pt", weights_only=True)
+    snn = torch.load(out / "models/TINY/snn/fold0.pt", weights_only=True)
     assert snn["time_bins"]["n_bins"] == 3 and len(snn["time_bins"]["edges"]) == 4
-    assert "healnet" not in json.loads((tiny_run / "results/TINY/snn/config.json").read_text())
+    assert "healnet" not in json.loads((out / "results/TINY/snn/config.json").read_text())
     again = snakemake(tiny_run, "--cores", "2")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def test_every_file_the_run_writes_is_under_outdir(tiny_run: Path) -> None:
+    """The working directory keeps only the config and Snakemake's own folder; logs and rule
+    benchmarks are in the output folder with the rest, one folder per rule."""
+    assert {p.name for p in tiny_run.iterdir()} <= {"config.yaml", ".snakemake", OUT.split("/")[0]}
+    out = tiny_run / OUT
+    made = {"data", "tiles", "qc", "features", "omics", "models", "results", "logs", "benchmarks"}
+    assert made <= {p.name for p in out.iterdir()} <= made | {"report.html"}
+    assert {p.name for p in (out / "logs").iterdir()} == RULES
+    assert {p.name for p in (out / "benchmarks").iterdir()} == RULES
+    assert (out / "logs/collect/TINY/healnet.log").is_file()
+    assert (out / "benchmarks/train/TINY/healnet/fold0.tsv").is_file()
+
+
+def test_a_rule_its_log_its_benchmark_and_its_command_share_one_name(tmp_path: Path) -> None:
+    """Rule `x` logs to {outdir}/logs/x/..., benchmarks to {outdir}/benchmarks/x/... and runs
+    `healnet x` (config_snapshot, which writes a file with printf, runs no healnet command). Read
+    from the dry run of a fresh cohort, which plans a job of every rule the Snakefile defines."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    listed = snakemake(tmp_path, "--list-rules")
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert set(listed.stdout.split()) == RULES | {"all"}
+    dry = snakemake(tmp_path, "-n", "-p", "--cores", "1")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = [job for job in job_blocks(dry.stdout) if job["rule"] != "all"]
+    assert {job["rule"] for job in jobs} == RULES
+    for job in jobs:
+        rule = job["rule"]
+        assert job["log"].startswith(f"{OUT}/logs/{rule}/"), job
+        assert job["benchmark"].startswith(f"{OUT}/benchmarks/{rule}/"), job
+        assert all(path.startswith(f"{OUT}/") for path in job["output"].split(", ")), job
+        command = re.search(r" -m healnet\.cli (\w+) ", job["shell"])
+        if rule == "config_snapshot":
+            assert command is None and job["shell"].startswith("printf "), job
+        else:
+            assert command is not None and command.group(1) == rule, job
+
+
 def failed_fold(model: str, fold: int) -> list[str]:
     """What a failed fold job leaves missing: its outputs (Snakemake removes them) and what follows."""
     return [
-        f"models/TINY/{model}/fold{fold}.pt",
-        f"results/TINY/{model}/fold{fold}",
-        f"results/TINY/{model}/folds.csv",
-        f"results/TINY/{model}/predictions.parquet",
-        "results/TINY/summary.csv",
+        f"{OUT}/models/TINY/{model}/fold{fold}.pt",
+        f"{OUT}/results/TINY/{model}/fold{fold}",
+        f"{OUT}/results/TINY/{model}/folds.csv",
+        f"{OUT}/results/TINY/{model}/predictions.parquet",
+        f"{OUT}/results/TINY/summary.csv",
     ]
 
 
@@ -81,19 +127,19 @@ def test_an_interrupted_run_retrains_only_the_missing_fold(tiny_run: Path) -> No
     nothing downstream ran, the rerun trains that fold alone, not its finished siblings."""
     dry = dry_run_without(tiny_run, failed_fold("healnet", 1))
     jobs = job_counts(dry.stdout)
-    assert jobs["train_fold"] == "1" and jobs["train"] == "1"
+    assert jobs["train"] == "1" and jobs["collect"] == "1"
     assert "wildcards: cohort=TINY, model=healnet, fold=1" in dry.stdout
-    assert set(jobs) - {"total"} == {"train_fold", "train", "evaluate", "report", "all"}
+    assert set(jobs) - {"total"} == {"train", "collect", "evaluate", "report", "all"}
     # the same fold killed when an earlier run had finished: that run's joined results are still on
     # disk and must not pass for current (Snakemake does not remake a missing input by itself)
     killed = job_counts(dry_run_without(tiny_run, failed_fold("healnet", 1)[:2]).stdout)
-    assert killed["train_fold"] == "1" and killed["train"] == "1" and killed["evaluate"] == "1"
+    assert killed["train"] == "1" and killed["collect"] == "1" and killed["evaluate"] == "1"
 
 
 def test_a_lost_store_re_extracts_that_slide_alone(tiny_run: Path) -> None:
     """A store deleted after a training job failed on it (damaged on disk): the rerun re-extracts that
     slide only. (When the encoder file was temporary, remaking it re-extracted every slide.)"""
-    store = sorted((tiny_run / "features/TINY/efficientnet_lite0").glob("*.zarr"))[0]
+    store = sorted((tiny_run / OUT / "features/TINY/efficientnet_lite0").glob("*.zarr"))[0]
     dry = dry_run_without(tiny_run, [str(store.relative_to(tiny_run)), *failed_fold("abmil", 0)])
     jobs = job_counts(dry.stdout)
     assert jobs["extract"] == "1" and "encoder" not in jobs and "tile" not in jobs
@@ -101,7 +147,7 @@ def test_a_lost_store_re_extracts_that_slide_alone(tiny_run: Path) -> None:
     assert "model=abmil, fold=0" in dry.stdout and "model=snn" not in dry.stdout  # the SNN reads no slides
     # an extraction killed on a rerun (its store deleted, everything after it still there)
     alone = job_counts(dry_run_without(tiny_run, [str(store.relative_to(tiny_run))]).stdout)
-    assert alone["extract"] == "1" and "train_fold" in alone and "tile" not in alone
+    assert alone["extract"] == "1" and "train" in alone and "tile" not in alone
 
 
 def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Path) -> None:
@@ -144,39 +190,39 @@ def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Pa
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "Nothing to be done" in tuned.stdout + tuned.stderr
     jobs = job_counts(retrained.stdout)
-    assert jobs["train_fold"] == "15" and "extract" not in jobs
-    assert job_counts(shape.stdout)["train_fold"] == "6" and "model=snn" not in shape.stdout
-    assert job_counts(dropout.stdout)["train_fold"] == "9" and "model=abmil" not in dropout.stdout
-    assert job_counts(bins.stdout)["train_fold"] == "15"
+    assert jobs["train"] == "15" and "extract" not in jobs
+    assert job_counts(shape.stdout)["train"] == "6" and "model=snn" not in shape.stdout
+    assert job_counts(dropout.stdout)["train"] == "9" and "model=abmil" not in dropout.stdout
+    assert job_counts(bins.stdout)["train"] == "15"
     assert reordered.returncode == 0, reordered.stderr[-3000:]
     assert "Nothing to be done" in reordered.stdout + reordered.stderr, job_counts(reordered.stdout)
-    assert job_counts(widths.stdout)["train_fold"] == "9"  # snn, abmil, late_fusion
+    assert job_counts(widths.stdout)["train"] == "9"  # snn, abmil, late_fusion
     assert "model=healnet" not in widths.stdout and "model=perceiver" not in widths.stdout
-    assert job_counts(screen.stdout)["train_fold"] == "12" and "model=abmil" not in screen.stdout
-    assert job_counts(patches.stdout)["train_fold"] == "12" and "model=snn" not in patches.stdout
+    assert job_counts(screen.stdout)["train"] == "12" and "model=abmil" not in screen.stdout
+    assert job_counts(patches.stdout)["train"] == "12" and "model=snn" not in patches.stdout
 
 
 def test_corrupt_slide_is_listed_and_its_patient_has_no_slide(tiny_run: Path) -> None:
-    failed = pd.read_csv(tiny_run / "results/TINY/failed_slides.csv")
+    failed = pd.read_csv(tiny_run / OUT / "results/TINY/failed_slides.csv")
     bad = failed[failed["status"] == "failed"]
     assert len(bad) == 1 and bad["reason"].str.len().iloc[0] > 5
-    manifest = pd.read_parquet(tiny_run / "omics/TINY/manifest.parquet")
+    manifest = pd.read_parquet(tiny_run / OUT / "omics/TINY/manifest.parquet")
     slide = bad["slide"].iloc[0]
     row = manifest[manifest["patient"] == slide[:12]]
     assert all(slide not in list(s) for s in row["slides"])
 
 
 def test_snakemake_report_collects_tables_and_figures(tiny_run: Path) -> None:
-    run = snakemake(tiny_run, "--report", str(tiny_run / "report.html"))
+    run = snakemake(tiny_run, "--report", str(tiny_run / OUT / "report.html"))
     assert run.returncode == 0, run.stderr[-3000:]
-    html = (tiny_run / "report.html").read_text(errors="replace")
+    html = (tiny_run / OUT / "report.html").read_text(errors="replace")
     for name in ["km_curves.png", "attention_wsi.png", "summary.csv", "summary.html", "failed_slides.csv"]:
         assert name in html
 
 
 def test_single_output_by_path_runs_only_what_it_needs(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
-    dry = snakemake(tmp_path, "-n", "omics/TINY/manifest.parquet")
+    dry = snakemake(tmp_path, "-n", f"{OUT}/omics/TINY/manifest.parquet")
     assert dry.returncode == 0, dry.stderr[-3000:]
     jobs = job_counts(dry.stdout)
     assert set(jobs) - {"total"} == {"demo", "tile", "omics"}
@@ -193,16 +239,10 @@ def test_slurm_dry_run_places_gpu_jobs(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
     run = snakemake(tmp_path, "-n", "--profile", str(REPO / "workflow/profiles/slurm"))
     assert run.returncode == 0, run.stderr[-3000:]
-    blocks = re.split(r"\n(?=rule \w+:)", run.stdout)
-    resources = {}
-    for block in blocks:
-        name = re.match(r"rule (\w+):", block)
-        res = re.search(r"resources: (.*)", block)
-        if name and res:
-            resources[name.group(1)] = res.group(1)
-    for gpu_rule in ["extract", "train_fold"]:
+    resources = {job["rule"]: job["resources"] for job in job_blocks(run.stdout) if "resources" in job}
+    for gpu_rule in ["extract", "train"]:
         assert "slurm_partition=gpu" in resources[gpu_rule] and "gpu=1" in resources[gpu_rule]
-    for cpu_rule in ["tile", "train"]:
+    for cpu_rule in ["tile", "collect"]:
         assert "slurm_partition=cpu" in resources[cpu_rule] and "gpu=" not in resources[cpu_rule]
 
 

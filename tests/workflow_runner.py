@@ -21,3 +21,18 @@ def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.Compl
 def job_counts(stdout: str) -> dict[str, str]:
     """Rule -> number of jobs, from the job table a (dry) run prints."""
     return dict(re.findall(r"^(\w+)\s+(\d+)$", stdout, flags=re.M))
+
+
+def job_blocks(stdout: str) -> list[dict[str, str]]:
+    """One dict per job a (dry) run prints: ``rule`` and its fields (``output``, ``log``,
+    ``benchmark``, ``resources``, ... and ``shell`` when run with ``-p``), each as printed."""
+    jobs: list[dict[str, str]] = []
+    for line in stdout.splitlines():
+        rule = re.match(r"^(?:local)?rule (\w+):$", line)
+        if rule:
+            jobs.append({"rule": rule.group(1)})
+        elif jobs and (field := re.match(r"^    (\w+): (.*)$", line)):
+            jobs[-1].setdefault(field.group(1), field.group(2))
+        elif jobs and line.startswith("Shell command: "):
+            jobs[-1]["shell"] = line.removeprefix("Shell command: ")
+    return jobs

@@ -1,6 +1,8 @@
-# Shared helpers: where each cohort's slides are, how many folds, which models, the healnet command.
+# Shared helpers: where each cohort's slides are, how many folds, which models, the healnet command,
+# and where outputs go.
 import functools
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -16,10 +18,22 @@ _USES_CONDA = DeploymentMethod.CONDA in (workflow.deployment_settings.deployment
 _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
 ENCODER = config["extract"]["encoder"]
-from healnet.config import BAGS_ON_DEVICE_SETTING_WORDS, TRAINING_RUN_SETTINGS
-from healnet.modalities import MODEL_MODALITIES, READS_HEALNET_SETTINGS, uses_training_setting
+from healnet.config import BAGS_ON_DEVICE_SETTING_WORDS
+from healnet.modalities import MODEL_MODALITIES
+from healnet.settings import training_snapshot
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
 from preprocessing.slides.files import SlideFolderError, find_slide_files
+
+# Every file the workflow writes lies under config `outdir` (logs and rule benchmarks included), so a
+# run can be pointed at scratch storage and archived or deleted as one folder. Each rule's log is
+# logs/{rule}/... and its benchmark benchmarks/{rule}/..., named after the rule and so after the
+# `healnet` subcommand it runs.
+OUTDIR = os.path.normpath(config["outdir"])
+
+
+def out(path):
+    """``path`` (relative, may hold wildcards) under the output folder."""
+    return path if OUTDIR == "." else f"{OUTDIR}/{path}"
 
 
 def cohort_config(cohort):
@@ -32,13 +46,13 @@ def is_demo(cohort):
 
 def slides_dir(cohort):
     if is_demo(cohort):
-        return f"data/{cohort}/slides"
+        return out(f"data/{cohort}/slides")
     return cohort_config(cohort).get("slides")
 
 
 def omics_source(cohort):
     if is_demo(cohort):
-        return f"data/{cohort}/omics"
+        return out(f"data/{cohort}/omics")
     return cohort_config(cohort).get("omics")
 
 
@@ -101,11 +115,11 @@ def cohort_models(cohort):
 
 
 def tiles_of(cohort):
-    return [f"tiles/{cohort}/{s}.parquet" for s in cohort_slides(cohort)]
+    return [out(f"tiles/{cohort}/{s}.parquet") for s in cohort_slides(cohort)]
 
 
 def stores_of(cohort):
-    return [f"features/{cohort}/{ENCODER}/{s}.zarr" for s in cohort_slides(cohort)]
+    return [out(f"features/{cohort}/{ENCODER}/{s}.zarr") for s in cohort_slides(cohort)]
 
 
 REPORT_FIGURES = ["km_curves.png", "c_index.png", "attention_wsi.png", "attention_omics.png"]
@@ -116,13 +130,13 @@ def final_outputs():
     that failed or was killed has its outputs deleted, and Snakemake does not remake a missing input
     of a job whose own outputs exist, so without them a rerun after a killed fold or extraction said
     "Nothing to be done" and kept the joined results of the run before."""
-    out = []
+    targets = []
     for cohort in config["cohorts"]:
-        out += [f"results/{cohort}/summary.{ext}" for ext in ("md", "csv", "html")]
-        out += [f"results/{cohort}/figures/{f}" for f in REPORT_FIGURES]
-        out += [f"results/{cohort}/failed_slides.csv"]
-        out += tiles_of(cohort) + stores_of(cohort) + checkpoints_of(cohort, cohort_models(cohort))
-    return out
+        targets += [out(f"results/{cohort}/summary.{ext}") for ext in ("md", "csv", "html")]
+        targets += [out(f"results/{cohort}/figures/{f}") for f in REPORT_FIGURES]
+        targets += [out(f"results/{cohort}/failed_slides.csv")]
+        targets += tiles_of(cohort) + stores_of(cohort) + checkpoints_of(cohort, cohort_models(cohort))
+    return targets
 
 
 def device_needs_gpu(section):
@@ -148,7 +162,7 @@ def omics_inputs(wildcards):
     c = wildcards.cohort
     inputs = {"tiles": tiles_of(c)}
     if is_demo(c):
-        inputs["plan"] = f"data/{c}/cohort.json"
+        inputs["plan"] = out(f"data/{c}/cohort.json")
         return inputs
     source = Path(str(omics_source(c)))
     inputs["tables"] = sorted(str(p) for p in source.iterdir() if p.is_file()) if source.is_dir() else [str(source)]
@@ -161,7 +175,8 @@ def omics_args(wildcards):
     c = wildcards.cohort
     args = [f"--omics {shlex.quote(str(omics_source(c)))}"]
     if slides_dir(c):
-        args.append(f"--slides {shlex.quote(str(slides_dir(c)))} --tiles-dir tiles/{c}")
+        tiles = shlex.quote(out(f"tiles/{c}"))
+        args.append(f"--slides {shlex.quote(str(slides_dir(c)))} --tiles-dir {tiles}")
     if cohort_config(c).get("splits"):
         args.append(f"--splits {shlex.quote(cohort_config(c)['splits'])}")
     if config["omics"]["clinical_covariates"]:
@@ -174,48 +189,35 @@ def omics_args(wildcards):
 # `resources`, not as params or in the training snapshot, so that changing them reruns nothing:
 # Snakemake reruns a job whose params or inputs change, after deleting its outputs. They are
 # extract.workers and extract.batch_size (features do not depend on them), and the training
-# settings in healnet.config.TRAINING_RUN_SETTINGS (the reasons are given there).
+# run settings of healnet.settings.RunSettings (the reasons are given there).
 
 
 def training_settings(wildcards):
-    """The effective settings one model is trained with (file + --config overrides, defaults filled
-    in) as JSON: a change reruns that model's training, while a change elsewhere (report settings,
-    the run settings above, HEALNet's shape for a model not built from it, the omic screen for a
-    model that reads no omics: healnet.modalities.uses_training_setting) does not."""
-    model = wildcards.model
-    training = {
-        k: v
-        for k, v in config["training"].items()
-        if k not in TRAINING_RUN_SETTINGS and uses_training_setting(model, k)
-    }
-    settings = {
-        "cohorts": {wildcards.cohort: cohort_config(wildcards.cohort)},
-        "omics": {"n_bins": config["omics"]["n_bins"]},  # training fits its own bins: it needs the count
-        "training": training,
-    }
-    if model in READS_HEALNET_SETTINGS:
-        settings["healnet"] = config["healnet"]
-    return json.dumps(settings, sort_keys=True)
+    """The settings one model is trained with on one cohort (file + --config overrides, defaults
+    filled in) as JSON: a change reruns that model's training, while a change elsewhere (report
+    settings, run settings, HEALNet's shape for a model not built from it, the omic screen for a
+    model that reads no omics) does not. healnet.settings.training_snapshot decides what is in it."""
+    return json.dumps(training_snapshot(config, wildcards.cohort, wildcards.model), sort_keys=True)
 
 
 def train_inputs(wildcards):
     return {
-        "config": f"results/{wildcards.cohort}/{wildcards.model}/config.json",
-        "manifest": f"omics/{wildcards.cohort}/manifest.parquet",
-        "features": f"omics/{wildcards.cohort}/features.parquet",
-        "splits": f"omics/{wildcards.cohort}/splits.parquet",
+        "config": out(f"results/{wildcards.cohort}/{wildcards.model}/config.json"),
+        "manifest": out(f"omics/{wildcards.cohort}/manifest.parquet"),
+        "features": out(f"omics/{wildcards.cohort}/features.parquet"),
+        "splits": out(f"omics/{wildcards.cohort}/splits.parquet"),
         # only models that read slides wait for (and retrain after) the feature stores
         "stores": stores_of(wildcards.cohort) if "wsi" in MODEL_MODALITIES.get(wildcards.model, ()) else [],
     }
 
 
 def checkpoints_of(cohort, models):
-    return [f"models/{cohort}/{m}/fold{k}.pt" for m in models for k in fold_ids(cohort)]
+    return [out(f"models/{cohort}/{m}/fold{k}.pt") for m in models for k in fold_ids(cohort)]
 
 
 def fold_outputs(wildcards):
-    """Every fold's outputs of one cohort x model (rule train_fold), which `healnet collect` joins."""
-    stem = f"results/{wildcards.cohort}/{wildcards.model}"
+    """Every fold's outputs of one cohort x model (rule train), which `healnet collect` joins."""
+    stem = out(f"results/{wildcards.cohort}/{wildcards.model}")
     folds = fold_ids(wildcards.cohort)
     files = {"folds": "folds.csv", "predictions": "predictions.parquet", "logs": "log.json"}
     inputs = {key: [f"{stem}/fold{k}/{name}" for k in folds] for key, name in files.items()}
@@ -223,17 +225,17 @@ def fold_outputs(wildcards):
 
 
 def evaluate_inputs(wildcards):
-    return expand("results/{cohort}/{model}/folds.csv", cohort=wildcards.cohort, model=cohort_models(wildcards.cohort))
+    return expand(out("results/{cohort}/{model}/folds.csv"), cohort=wildcards.cohort, model=cohort_models(wildcards.cohort))
 
 
 def report_inputs(wildcards):
     c = wildcards.cohort
     models = cohort_models(c)
     return {
-        "summary": f"results/{c}/summary.csv",
-        "predictions": expand("results/{cohort}/{model}/predictions.parquet", cohort=c, model=models),
+        "summary": out(f"results/{c}/summary.csv"),
+        "predictions": expand(out("results/{cohort}/{model}/predictions.parquet"), cohort=c, model=models),
         "checkpoints": checkpoints_of(c, models),
-        "manifest": f"omics/{c}/manifest.parquet",
+        "manifest": out(f"omics/{c}/manifest.parquet"),
         "tiles": tiles_of(c),
         "stores": stores_of(c),
     }
@@ -241,7 +243,7 @@ def report_inputs(wildcards):
 
 def figure(name, caption, label):
     return report(
-        f"results/{{cohort}}/figures/{name}",
+        out(f"results/{{cohort}}/figures/{name}"),
         caption=f"../report/{caption}",
         category="Results",
         subcategory="{cohort}",

@@ -4,16 +4,17 @@ if DEMO_COHORTS:
 
     rule demo:
         output:
-            slides=expand("data/{{cohort}}/slides/{name}", name=demo_slide_names()),
-            tables=expand("data/{{cohort}}/omics/{table}", table=DEMO_TABLES),
-            truth="data/{cohort}/ground_truth.csv",
-            plan="data/{cohort}/cohort.json",
+            slides=expand(out("data/{{cohort}}/slides/{name}"), name=demo_slide_names()),
+            tables=expand(out("data/{{cohort}}/omics/{table}"), table=DEMO_TABLES),
+            truth=out("data/{cohort}/ground_truth.csv"),
+            plan=out("data/{cohort}/cohort.json"),
         log:
-            "logs/{cohort}/demo.log",
+            out("logs/demo/{cohort}.log"),
         benchmark:
-            "benchmarks/out/{cohort}/demo.tsv"
+            out("benchmarks/demo/{cohort}.tsv")
         params:
             healnet=HEALNET,
+            folder=out("data/{cohort}"),
             d=config["demo"],
         wildcard_constraints:
             cohort="|".join(DEMO_COHORTS),
@@ -24,6 +25,6 @@ if DEMO_COHORTS:
         conda:
             "../../envs/slides.yaml"
         shell:
-            "{params.healnet} demo --out data/{wildcards.cohort} --patients {params.d[patients]}"
+            "{params.healnet} demo --out {params.folder:q} --patients {params.d[patients]}"
             " --seed {params.d[seed]} --long-side-px {params.d[long_side_px]}"
-            " --corrupt-slides {params.d[corrupt_slides]} --workers {threads} > {log} 2>&1"
+            " --corrupt-slides {params.d[corrupt_slides]} --workers {threads} > {log:q} 2>&1"

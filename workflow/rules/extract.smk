@@ -12,11 +12,11 @@ rule encoder:
     input:
         weights=optional_input(config["extract"]["weights"]),
     output:
-        "features/{cohort}/{encoder}/encoder.pt",
+        out("features/{cohort}/{encoder}/encoder.pt"),
     log:
-        "logs/{cohort}/encoder/{encoder}.log",
+        out("logs/encoder/{cohort}/{encoder}.log"),
     benchmark:
-        "benchmarks/out/{cohort}/encoder/{encoder}.tsv"
+        out("benchmarks/encoder/{cohort}/{encoder}.tsv")
     params:
         healnet=HEALNET,
         weights=optional_flag("--weights", config["extract"]["weights"]),
@@ -33,15 +33,15 @@ rule encoder:
 rule extract:
     input:
         slide=slide_path,
-        tiles="tiles/{cohort}/{slide}.parquet",
-        encoder="features/{cohort}/{encoder}/encoder.pt",
+        tiles=out("tiles/{cohort}/{slide}.parquet"),
+        encoder=out("features/{cohort}/{encoder}/encoder.pt"),
         stain_reference=optional_input(config["extract"]["stain_reference"]),
     output:
-        store=directory("features/{cohort}/{encoder}/{slide}.zarr"),
+        store=directory(out("features/{cohort}/{encoder}/{slide}.zarr")),
     log:
-        "logs/{cohort}/extract/{encoder}/{slide}.log",
+        out("logs/extract/{cohort}/{encoder}/{slide}.log"),
     benchmark:
-        "benchmarks/out/{cohort}/extract/{encoder}/{slide}.tsv"
+        out("benchmarks/extract/{cohort}/{encoder}/{slide}.tsv")
     params:
         healnet=HEALNET,
         device=config["extract"]["device"],

@@ -5,16 +5,17 @@ rule omics:
     input:
         unpack(omics_inputs),
     output:
-        manifest="omics/{cohort}/manifest.parquet",
-        features="omics/{cohort}/features.parquet",
-        splits="omics/{cohort}/splits.parquet",
-        summary="omics/{cohort}/summary.json",
+        manifest=out("omics/{cohort}/manifest.parquet"),
+        features=out("omics/{cohort}/features.parquet"),
+        splits=out("omics/{cohort}/splits.parquet"),
+        summary=out("omics/{cohort}/summary.json"),
     log:
-        "logs/{cohort}/omics.log",
+        out("logs/omics/{cohort}.log"),
     benchmark:
-        "benchmarks/out/{cohort}/omics.tsv"
+        out("benchmarks/omics/{cohort}.tsv")
     params:
         healnet=HEALNET,
+        folder=out("omics/{cohort}"),
         o=config["omics"],
         args=omics_args,
     threads: 1
@@ -25,4 +26,4 @@ rule omics:
         "../../envs/tables.yaml"
     shell:
         "{params.healnet} omics --cohort {wildcards.cohort} {params.args} --n-folds {params.o[n_folds]}"
-        " --n-bins {params.o[n_bins]} --seed {params.o[seed]} -o omics/{wildcards.cohort} > {log} 2>&1"
+        " --n-bins {params.o[n_bins]} --seed {params.o[seed]} -o {params.folder:q} > {log:q} 2>&1"

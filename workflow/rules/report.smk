@@ -9,21 +9,26 @@ rule report:
         cindex=figure("c_index.png", "c_index.rst", "c-index per model"),
         wsi=figure("attention_wsi.png", "attention_wsi.rst", "HEALNet attention on slides"),
         omics=figure("attention_omics.png", "attention_omics.rst", "HEALNet attention on omic features"),
-        logrank="results/{cohort}/logrank.csv",
+        logrank=out("results/{cohort}/logrank.csv"),
         failed=report(
-            "results/{cohort}/failed_slides.csv",
+            out("results/{cohort}/failed_slides.csv"),
             caption="../report/failed_slides.rst",
             category="Results",
             subcategory="{cohort}",
             labels={"cohort": "{cohort}", "item": "failed slides"},
         ),
     log:
-        "logs/{cohort}/report.log",
+        out("logs/report/{cohort}.log"),
     benchmark:
-        "benchmarks/out/{cohort}/report.tsv"
+        out("benchmarks/report/{cohort}.tsv")
     params:
         healnet=HEALNET,
-        encoder=ENCODER,
+        results=out("results/{cohort}"),
+        omics=out("omics/{cohort}"),
+        models_dir=out("models/{cohort}"),
+        features=out(f"features/{{cohort}}/{ENCODER}"),
+        tiles=out("tiles/{cohort}"),
+        figures=out("results/{cohort}/figures"),
         r=config["report"],
         slides=lambda wc: optional_flag("--slides-dir", slides_dir(wc.cohort)),
         models=lambda wc: ",".join(cohort_models(wc.cohort)),
@@ -34,8 +39,8 @@ rule report:
     conda:
         "../../envs/model.yaml"
     shell:
-        "{params.healnet} report --cohort {wildcards.cohort} --results-dir results/{wildcards.cohort}"
-        " --omics-dir omics/{wildcards.cohort} --models-dir models/{wildcards.cohort}"
-        " --features-dir features/{wildcards.cohort}/{params.encoder} --tiles-dir tiles/{wildcards.cohort}"
+        "{params.healnet} report --cohort {wildcards.cohort} --results-dir {params.results:q}"
+        " --omics-dir {params.omics:q} --models-dir {params.models_dir:q}"
+        " --features-dir {params.features:q} --tiles-dir {params.tiles:q}"
         " {params.slides} --models {params.models} --top-omic-features {params.r[top_omic_features]}"
-        " --heatmap-slides {params.r[heatmap_slides]} -o results/{wildcards.cohort}/figures > {log} 2>&1"
+        " --heatmap-slides {params.r[heatmap_slides]} -o {params.figures:q} > {log:q} 2>&1"

@@ -7,18 +7,18 @@ rule tile:
         # an input, not only a flag: a corrected table must re-tile (and so re-extract and retrain)
         mpp_overrides=optional_input(config["tiling"]["mpp_overrides"]),
     output:
-        tiles="tiles/{cohort}/{slide}.parquet",
+        tiles=out("tiles/{cohort}/{slide}.parquet"),
         qc=report(
-            "qc/{cohort}/{slide}.png",
+            out("qc/{cohort}/{slide}.png"),
             caption="../report/tiling_qc.rst",
             category="Tiling QC",
             subcategory="{cohort}",
             labels={"cohort": "{cohort}", "slide": "{slide}"},
         ),
     log:
-        "logs/{cohort}/tile/{slide}.log",
+        out("logs/tile/{cohort}/{slide}.log"),
     benchmark:
-        "benchmarks/out/{cohort}/tile/{slide}.tsv"
+        out("benchmarks/tile/{cohort}/{slide}.tsv")
     params:
         healnet=HEALNET,
         t={k: v for k, v in config["tiling"].items() if k != "on_slide_error"},

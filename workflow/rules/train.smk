@@ -1,12 +1,15 @@
-# One job per cohort x model: every fold trained and scored (full and missing-modality settings).
+# Training and scoring: one job per cohort x model x fold (`train`), the folds of a model joined
+# (`collect`), and the models compared (`evaluate`).
 
 
 # The settings each model is trained with, as its training jobs read them (see training_settings).
 rule config_snapshot:
     output:
-        "results/{cohort}/{model}/config.json",
+        out("results/{cohort}/{model}/config.json"),
     log:
-        "logs/{cohort}/config_snapshot/{model}.log",
+        out("logs/config_snapshot/{cohort}/{model}.log"),
+    benchmark:
+        out("benchmarks/config_snapshot/{cohort}/{model}.tsv")
     params:
         text=training_settings,
     threads: 1
@@ -16,27 +19,30 @@ rule config_snapshot:
     conda:
         "../../envs/tables.yaml"
     shell:
-        "printf '%s\\n' {params.text:q} > {output} 2> {log}"
+        "printf '%s\\n' {params.text:q} > {output:q} 2> {log:q}"
 
 
 # One job per cohort x model x fold, so that a failed or cancelled job loses one fold and a cluster
 # trains the folds side by side; every fold is seeded on its own, so the numbers are those of one
 # all-fold run.
-rule train_fold:
+rule train:
     input:
         unpack(train_inputs),
     output:
-        folds="results/{cohort}/{model}/fold{fold}/folds.csv",
-        predictions="results/{cohort}/{model}/fold{fold}/predictions.parquet",
-        log_json="results/{cohort}/{model}/fold{fold}/log.json",
-        checkpoint="models/{cohort}/{model}/fold{fold}.pt",
+        folds=out("results/{cohort}/{model}/fold{fold}/folds.csv"),
+        predictions=out("results/{cohort}/{model}/fold{fold}/predictions.parquet"),
+        log_json=out("results/{cohort}/{model}/fold{fold}/log.json"),
+        checkpoint=out("models/{cohort}/{model}/fold{fold}.pt"),
     log:
-        "logs/{cohort}/train/{model}/fold{fold}.log",
+        out("logs/train/{cohort}/{model}/fold{fold}.log"),
     benchmark:
-        "benchmarks/out/{cohort}/train/{model}/fold{fold}.tsv"
+        out("benchmarks/train/{cohort}/{model}/fold{fold}.tsv")
     params:
         healnet=HEALNET,
-        encoder=ENCODER,
+        omics=out("omics/{cohort}"),
+        features=out(f"features/{{cohort}}/{ENCODER}"),
+        models=out("models/{cohort}/{model}"),
+        results=out("results/{cohort}/{model}/fold{fold}"),
         device=config["training"]["device"],
     threads: config["training"]["threads"]
     resources:
@@ -50,28 +56,29 @@ rule train_fold:
     conda:
         "../../envs/model.yaml"
     shell:
-        "{params.healnet} train --config {input.config} --cohort {wildcards.cohort} --model {wildcards.model}"
-        " --folds {wildcards.fold}"
-        " --omics-dir omics/{wildcards.cohort} --features-dir features/{wildcards.cohort}/{params.encoder}"
-        " --models-dir models/{wildcards.cohort}/{wildcards.model}"
-        " --results-dir results/{wildcards.cohort}/{wildcards.model}/fold{wildcards.fold}"
+        "{params.healnet} train --config {input.config:q} --cohort {wildcards.cohort} --model {wildcards.model}"
+        " --folds {wildcards.fold} --omics-dir {params.omics:q} --features-dir {params.features:q}"
+        " --models-dir {params.models:q} --results-dir {params.results:q}"
         " --threads {threads} --workers {resources.readers} --save-state-minutes {resources.save_state_minutes}"
         " --feature-cache {resources.feature_cache:q} --bags-on-device {resources.bags_on_device}"
-        " --device {params.device} > {log} 2>&1"
+        " --device {params.device} > {log:q} 2>&1"
 
 
 # The folds of one model joined into the files an all-fold `healnet train` writes.
-rule train:
+rule collect:
     input:
         unpack(fold_outputs),
     output:
-        folds="results/{cohort}/{model}/folds.csv",
-        predictions="results/{cohort}/{model}/predictions.parquet",
-        log_json="results/{cohort}/{model}/log.json",
+        folds=out("results/{cohort}/{model}/folds.csv"),
+        predictions=out("results/{cohort}/{model}/predictions.parquet"),
+        log_json=out("results/{cohort}/{model}/log.json"),
     log:
-        "logs/{cohort}/train/{model}.log",
+        out("logs/collect/{cohort}/{model}.log"),
+    benchmark:
+        out("benchmarks/collect/{cohort}/{model}.tsv")
     params:
         healnet=HEALNET,
+        results=out("results/{cohort}/{model}"),
         folds=lambda wc: ",".join(map(str, fold_ids(wc.cohort))),
     threads: 1
     resources:
@@ -80,8 +87,7 @@ rule train:
     conda:
         "../../envs/model.yaml"
     shell:
-        "{params.healnet} collect --results-dir results/{wildcards.cohort}/{wildcards.model}"
-        " --folds {params.folds} > {log} 2>&1"
+        "{params.healnet} collect --results-dir {params.results:q} --folds {params.folds} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -89,27 +95,28 @@ rule evaluate:
         evaluate_inputs,
     output:
         csv=report(
-            "results/{cohort}/summary.csv",
+            out("results/{cohort}/summary.csv"),
             caption="../report/summary.rst",
             category="Results",
             subcategory="{cohort}",
             labels={"cohort": "{cohort}", "item": "summary (CSV)"},
         ),
-        md="results/{cohort}/summary.md",
+        md=out("results/{cohort}/summary.md"),
         # The same table as HTML: the report shows it in the page (a CSV is only a download).
         html=report(
-            "results/{cohort}/summary.html",
+            out("results/{cohort}/summary.html"),
             caption="../report/summary_html.rst",
             category="Results",
             subcategory="{cohort}",
             labels={"cohort": "{cohort}", "item": "summary table"},
         ),
     log:
-        "logs/{cohort}/evaluate.log",
+        out("logs/evaluate/{cohort}.log"),
     benchmark:
-        "benchmarks/out/{cohort}/evaluate.tsv"
+        out("benchmarks/evaluate/{cohort}.tsv")
     params:
         healnet=HEALNET,
+        results=out("results/{cohort}"),
         models=lambda wc: ",".join(cohort_models(wc.cohort)),
     threads: 1
     resources:
@@ -118,5 +125,5 @@ rule evaluate:
     conda:
         "../../envs/model.yaml"
     shell:
-        "{params.healnet} evaluate --cohort {wildcards.cohort} --results-dir results/{wildcards.cohort}"
-        " --models {params.models} -o {output.csv} > {log} 2>&1"
+        "{params.healnet} evaluate --cohort {wildcards.cohort} --results-dir {params.results:q}"
+        " --models {params.models} -o {output.csv:q} > {log:q} 2>&1"
