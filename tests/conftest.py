@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+_SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def require(path: Path, what: str) -> Path:
+    """``path`` when it exists; otherwise skip the test, or fail it where ``CI`` is set (a CI run
+    that silently skipped the real-data tests would pass without testing them)."""
+    if path.exists():
+        return path
+    message = f"{what} is not present ({path})"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}, and CI is set: the real-data tests must run there", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -18,10 +30,15 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data beside the checkout; tests using it skip when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-    return SHARED_DATA
+    """``../shared/data`` beside the checkout, the one owner of that path: tests using it skip when
+    it is absent, and fail when the environment variable ``CI`` is set."""
+    return require(_SHARED_DATA, "../shared/data")
+
+
+@pytest.fixture(scope="session")
+def real_slide(shared_data: Path) -> Path:
+    """The real Aperio slide of the shared data (skips, or fails under ``CI``, like ``shared_data``)."""
+    return require(shared_data / "slides" / "CMU-1-Small-Region.svs", "the real Aperio slide")
 
 
 @pytest.fixture
