@@ -3,8 +3,8 @@
 Every `healnet extract` job is a fresh process, so its start-up is paid once per slide. Each variant
 runs here in its own fresh process, alternating, and prints a timeline through the code a job runs
 (:func:`preprocessing.features.encoders.build_encoder` or
-:func:`~preprocessing.features.encoders.load_frozen_encoder`,
-then :class:`preprocessing.features.extract.FeatureRunner` and its warm-up): torch imported, extraction
+:func:`~preprocessing.features.encoder_file.load_frozen_encoder`,
+then :class:`preprocessing.features.runner.FeatureRunner` and its warm-up): torch imported, extraction
 modules imported, encoder ready, runner on the device, first batch of random patches embedded.
 Then the features of both variants are compared with the eager model's in float32 on the same
 patches (on a GPU both variants run under autocast, so their difference from float32 is bf16
@@ -39,8 +39,9 @@ def child(variant: str, device_name: str, batch_size: int, work: Path) -> None:
     import torch
 
     mark("torch imported")
-    from preprocessing.features.encoders import build_encoder, load_frozen_encoder
-    from preprocessing.features.extract import FeatureRunner
+    from preprocessing.features.encoder_file import load_frozen_encoder
+    from preprocessing.features.encoders import build_encoder
+    from preprocessing.features.runner import FeatureRunner
 
     mark("extraction modules imported")
     device = torch.device(device_name)
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from preprocessing.features.encoders import build_encoder, save_frozen_encoder
+    from preprocessing.features.encoder_file import save_frozen_encoder
+    from preprocessing.features.encoders import build_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

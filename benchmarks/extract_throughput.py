@@ -39,16 +39,12 @@ import openslide
 import pandas as pd
 import torch
 
-from preprocessing.features.encoders import Encoder, Normalise, build_encoder
-from preprocessing.features.extract import (
-    FeatureRunner,
-    PatchDataset,
-    extract_slide,
-    make_loader,
-    resolve_device,
-    single_threaded_opencv,
-    usable_cores,
-)
+from preprocessing.core.devices import resolve_device
+from preprocessing.features.encoders import Encoder, build_encoder
+from preprocessing.features.extract import extract_slide
+from preprocessing.features.patch_transforms import Normalise
+from preprocessing.features.patches import PatchDataset, make_loader, single_threaded_opencv
+from preprocessing.features.runner import FeatureRunner, usable_cores
 from preprocessing.tiling.tiles import read_tiles, write_tiles
 
 ROOT = Path(__file__).resolve().parents[1]

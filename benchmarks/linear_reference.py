@@ -27,6 +27,7 @@ reach only the Cox fits and the omic screen, and only from training patients. No
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -40,10 +41,13 @@ from sksurv.metrics import concordance_index_censored
 from sksurv.util import Surv
 
 from healnet.config import load_config
-from healnet.data.bags import read_store
-from healnet.evaluation.summary import read_folds, summarise
-from healnet.training.cv import Cohort, fit_omics, fold_patients, prepare_cohort
+from healnet.data.results import read_folds
+from healnet.evaluation.summary import summarise
+from healnet.settings import TrainingSettings, settings_from_config
+from healnet.training.cohort import Cohort, fold_patients, prepare_cohort
+from healnet.training.fold import fit_omics
 from preprocessing.core.errors import InputError
+from preprocessing.features.store import read_store
 
 BLOCKS = ("slides", "omics", "both")
 MAX_COX_COLUMNS = 256  # a Newton-Raphson Cox fit costs columns cubed: thousands of genes take hours
@@ -71,7 +75,7 @@ def c_index(survival: pd.DataFrame, patients: list[str], risk: np.ndarray) -> fl
 
 
 def fold_blocks(
-    cohort: Cohort, pooled: dict[str, np.ndarray], fold: int, training: dict, components: int
+    cohort: Cohort, pooled: dict[str, np.ndarray], fold: int, training: TrainingSettings, components: int
 ) -> tuple[list[str], list[str], dict[str, dict[str, np.ndarray]]]:
     """(training patients, held-out patients, block name -> patient -> input row) of one fold."""
     survival = cohort.tables.manifest[["time", "event"]]
@@ -107,7 +111,8 @@ def fold_blocks(
 
 
 def fold_scores(
-    cohort: Cohort, pooled: dict[str, np.ndarray], fold: int, training: dict, components: int, penalty: float
+    cohort: Cohort, pooled: dict[str, np.ndarray], fold: int, training: TrainingSettings, components: int,
+    penalty: float,
 ) -> dict[str, float]:
     """The three ridge Cox models' c-index on one held-out fold."""
     survival = cohort.tables.manifest[["time", "event"]]
@@ -148,18 +153,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--omic-max-features", type=int, help="replaces training.omic_max_features")
     args = parser.parse_args(argv)
     config = load_config(args.config)
+    training = settings_from_config(config).training
     if args.omic_max_features is not None:
-        config["training"]["omic_max_features"] = args.omic_max_features
+        training = dataclasses.replace(training, omic_max_features=args.omic_max_features)
     encoder = config["extract"]["encoder"]
     warnings.filterwarnings("ignore", module="sksurv")
-    logging.getLogger("healnet.training.cv").setLevel(logging.ERROR)  # its notes speak of training a model
+    # the cohort's notes speak of training a model
+    logging.getLogger("healnet.training.cohort").setLevel(logging.ERROR)
     for name in args.cohorts:
         features_dir = args.root / "features" / name / encoder
         cohort = prepare_cohort("healnet", args.root / "omics" / name, features_dir)
         pooled = pooled_features(cohort)
         folds = sorted(int(f) for f in cohort.tables.splits["fold"].unique())
         per_fold = [
-            fold_scores(cohort, pooled, f, config["training"], args.components, args.penalty) for f in folds
+            fold_scores(cohort, pooled, f, training, args.components, args.penalty) for f in folds
         ]
         found = [b for b in BLOCKS if all(b in s for s in per_fold)]
         means = {b: float(np.nanmean([s[b] for s in per_fold])) for b in found}

@@ -7,7 +7,7 @@ Two cohorts:
   once into ``benchmarks/out/train_synthetic/`` as Zarr stores in the layout ``healnet extract``
   writes, plus an omics folder (random omics, survival times).
 
-Two epochs run through the real harness (:func:`healnet.training.cv.train_model`: DataLoader worker(s)
+Two epochs run through the real harness (:func:`healnet.training.loop.train_model`: DataLoader worker(s)
 reading bags lazily, at most ``max_patches_train`` patches per bag). "Data wait" is the time the
 training loop blocks on ``next(loader)`` divided by the epoch time; the target is below 0.2. The
 reader processes persist across epochs, so only the first epoch waits for them to start: on a GPU
@@ -26,6 +26,7 @@ and the epochs cut their batches there without readers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import shutil
 import sys
@@ -41,14 +42,13 @@ import zarr
 from healnet.config import BAGS_ON_DEVICE_WORDS, load_config
 from healnet.data.bags import BagBatchSampler, BagDataset, make_loader
 from healnet.models.baselines import build_model, model_spec
-from healnet.training.cv import (
-    decoded_feature_cache,
-    fit_omics,
-    prepare_cohort,
-    resident_bags,
-    resolve_device,
-    train_model,
-)
+from healnet.settings import Settings, settings_from_config
+from healnet.training.cache import decoded_feature_cache
+from healnet.training.cohort import prepare_cohort
+from healnet.training.fold import fit_omics
+from healnet.training.loop import train_model
+from healnet.training.memory import resident_bags
+from preprocessing.core.devices import resolve_device
 from preprocessing.core.workers import resolve_workers, workers_argument
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def data_rate(dataset: BagDataset, rows: np.ndarray, batch_size: int, workers: i
 def two_epochs(
     omics_dir: Path,
     features_dir: Path,
-    config: dict[str, Any],
+    settings: Settings,
     model_name: str,
     device: torch.device,
     workers: int,
@@ -124,9 +124,9 @@ def two_epochs(
 
     with decoded_feature_cache(cache_root) as cache_dir:  # removed when the timing is done
         cohort = prepare_cohort(model_name, omics_dir, features_dir)
-        manifest, training = cohort.tables.manifest, config["training"]
+        manifest, training = cohort.tables.manifest, settings.training
         times, events = manifest["time"].to_numpy(float), manifest["event"].to_numpy(int)
-        bins = TimeBins(config["omics"]["n_bins"]).fit(times, events).transform(times)
+        bins = TimeBins(settings.n_bins).fit(times, events).transform(times)
         state = fit_omics(cohort.tables.features, cohort.patients, training, manifest[["time", "event"]])
         omics, has_omics = state.matrix(cohort.tables.features, cohort.patients)
         dataset = BagDataset(
@@ -136,29 +136,29 @@ def two_epochs(
             bins,
             events,
             times,
-            max_patches=training["max_patches_train"],
+            max_patches=training.max_patches_train,
             read_wsi=cohort.wsi_dim is not None,
             cache_dir=cache_dir,
         )
         spec = model_spec(
             model_name,
-            n_bins=config["omics"]["n_bins"],
+            n_bins=settings.n_bins,
             wsi_dim=cohort.wsi_dim,
             n_omics=omics.shape[1],
             omic_groups=state.groups,
-            healnet_cfg=config["healnet"],
-            training_cfg=training,
+            healnet=settings.healnet,
+            training=training,
         )
         torch.manual_seed(0)
         model = build_model(spec).to(device)
         rows = np.flatnonzero(dataset.has_wsi | has_omics)
-        loader_rate = data_rate(dataset, rows[:160], training["batch_size"], workers)
-        cached_rate = data_rate(dataset, rows[:160], training["batch_size"], workers) if cache_dir else None
+        loader_rate = data_rate(dataset, rows[:160], training.batch_size, workers)
+        cached_rate = data_rate(dataset, rows[:160], training.batch_size, workers) if cache_dir else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        resident = resident_bags(dataset, rows, device, workers, training["bags_on_device"])
-        history = train_model(model, dataset, rows, None, {**training, "epochs": 2}, device, 0, workers, None,
-                              resident=resident)
+        resident = resident_bags(dataset, rows, device, workers, settings.run.bags_on_device)
+        history = train_model(model, dataset, rows, None, dataclasses.replace(training, epochs=2), device, 0,
+                              workers, None, resident=resident)
         record = {**history[1], "first": history[0], "workers": workers}
         if resident is not None:
             record["bags_on_device_seconds"] = resident.load_seconds
@@ -233,24 +233,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="decoded-feature cache under DIR, as training.feature_cache (default: none)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
+    settings = settings_from_config(config)
     if args.batch_size:
-        config["training"]["batch_size"] = args.batch_size
+        settings = dataclasses.replace(
+            settings, training=dataclasses.replace(settings.training, batch_size=args.batch_size))
     if args.bags_on_device is not None:
-        config["training"]["bags_on_device"] = BAGS_ON_DEVICE_WORDS[args.bags_on_device]
+        run = dataclasses.replace(settings.run, bags_on_device=BAGS_ON_DEVICE_WORDS[args.bags_on_device])
+        settings = dataclasses.replace(settings, run=run)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    setting = config["training"]["workers"] if args.workers is None else args.workers
+    setting = settings.run.workers if args.workers is None else args.workers
     workers = resolve_workers(setting, device.type, args.threads)
     print(
         f"model {args.model}, device {device}, {args.threads} torch thread(s), {workers} loader worker(s), "
-        f"batch {config['training']['batch_size']}, max {config['training']['max_patches_train']} "
-        f"patches/bag, bags_on_device {config['training']['bags_on_device']}"
+        f"batch {settings.training.batch_size}, max {settings.training.max_patches_train} "
+        f"patches/bag, bags_on_device {settings.run.bags_on_device}"
     )
     if not args.skip_demo:
         omics_dir = ROOT / "omics" / "DEMO"
         features_dir = ROOT / "features" / "DEMO" / config["extract"]["encoder"]
         if (omics_dir / "manifest.parquet").is_file() and features_dir.is_dir():
-            report("demo", two_epochs(omics_dir, features_dir, config, args.model, device, workers,
+            report("demo", two_epochs(omics_dir, features_dir, settings, args.model, device, workers,
                                       args.feature_cache))
         else:
             print(f"[demo] skipped: {omics_dir} or {features_dir} does not exist (run the pipeline first)")
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({args.patients * args.patches * args.dim * 2 / 1e9:.1f} GB float16) in {OUT}"
         )
         omics_dir, features_dir = write_synthetic(OUT, args.patients, args.patches, args.dim)
-        report("synthetic", two_epochs(omics_dir, features_dir, config, args.model, device, workers,
+        report("synthetic", two_epochs(omics_dir, features_dir, settings, args.model, device, workers,
                                        args.feature_cache))
     return 0
 

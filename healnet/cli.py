@@ -19,13 +19,14 @@ from preprocessing.core.errors import InputError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("preprocessing.demo.cohort", "write a synthetic TCGA-like demo cohort (slides and omic tables)"),
     "tile": ("preprocessing.tiling.tile", "tissue mask, MPP-aware patch grid and QC picture of a slide"),
-    "encoder": ("preprocessing.features.encoders", "build an encoder once, frozen, for the extraction jobs"),
+    "encoder": ("preprocessing.features.encoder_file",
+                "build an encoder once, frozen, for the extraction jobs"),
     "extract": ("preprocessing.features.extract", "patch embeddings of one slide into a Zarr store"),
     "omics": ("preprocessing.omics.cli", "join clinical and omic tables per patient; folds and manifest"),
-    "train": ("healnet.training.cv", "cross-validated training of one model on one cohort"),
+    "train": ("healnet.training.cli", "cross-validated training of one model on one cohort"),
     "collect": ("healnet.training.collect", "join per-fold training outputs into one model's results"),
     "evaluate": ("healnet.evaluation.summary", "per-cohort summary table of every trained model"),
-    "report": ("healnet.report.figures", "figures for one cohort: survival curves, c-index, QC, attention"),
+    "report": ("healnet.report.cli", "figures for one cohort: survival curves, c-index, QC, attention"),
 }
 
 

@@ -19,15 +19,6 @@ from preprocessing.core.errors import InputError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
-# Training settings that change how fast a fold trains, not what it learns: readers (bags are drawn
-# from seeds made in the main process and the bag loader keeps its own random generator), threads
-# (another thread count only reorders float sums, so a retrained model may differ in the last
-# digits), how often an unfinished fold saves its state (a resumed fold gives the same numbers) and
-# where decoded features are cached and whether bags stay in the device's memory (the same values,
-# read faster).
-# The workflow keeps them out of the training snapshot, so changing them retrains nothing, and
-# `healnet train` leaves them out of the fingerprint that a saved state must match.
-TRAINING_RUN_SETTINGS = ("workers", "threads", "save_state_minutes", "feature_cache", "bags_on_device")
 # The command-line words for training.bags_on_device's values (`--bags-on-device`), and back.
 BAGS_ON_DEVICE_WORDS: dict[str, bool | str] = {"yes": True, "no": False, "auto": "auto"}
 BAGS_ON_DEVICE_SETTING_WORDS = {value: word for word, value in BAGS_ON_DEVICE_WORDS.items()}

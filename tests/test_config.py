@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import raises_one_line_error
 from workflow_runner import snakemake
 
 from healnet.config import load_config, validate_config
-from preprocessing.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_default_config_is_valid_and_defaults_fill_missing_sections() -> None:
 def test_bad_config_names_the_key(edit, named: str) -> None:
     cfg = copy.deepcopy(default_config())
     edit(cfg)
-    with pytest.raises(InputError, match=named.replace(".", r"\.")):
+    with raises_one_line_error(match=named.replace(".", r"\.")):
         validate_config(cfg)
 
 
@@ -71,7 +71,7 @@ def test_snakemake_refuses_unknown_key_with_its_name(tmp_path: Path) -> None:
 def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  epochs: 2\n   ensemble: 1\n")
-    with pytest.raises(InputError) as err:
+    with raises_one_line_error() as err:
         load_config(bad)
     assert str(err.value).count("\n") == 0
     assert "bad.yaml" in str(err.value) and "(line 3, column 12)" in str(err.value)
@@ -94,7 +94,7 @@ def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     path.write_text(text)
     assert load_config(path)["training"]["lr"] == 2e-4
     assert yaml.safe_load("lr: 2e-4") == {"lr": "2e-4"}  # PyYAML's own safe loader is left as it was
-    with pytest.raises(InputError, match=r"training\.lr"):
+    with raises_one_line_error(match=r"training\.lr"):
         validate_config({"cohorts": {"X": {"demo": True}}, "training": {"lr": "2e-4x"}})
 
 
@@ -105,7 +105,7 @@ def test_whole_numbers_written_as_floats_become_integers() -> None:
     values = [cfg["training"][k] for k in ("epochs", "batch_size", "max_patches_train")]
     assert values == [100, 8, 4096] and all(type(v) is int for v in values)
     assert type(cfg["training"]["lr"]) is float  # a number setting stays a float
-    with pytest.raises(InputError, match=r"training\.epochs"):
+    with raises_one_line_error(match=r"training\.epochs"):
         validate_config({"cohorts": {"X": {"demo": True}}, "training": {"epochs": 2.5}})
 
 
@@ -121,5 +121,58 @@ def test_snakemake_accepts_an_exponent_without_a_dot(tmp_path: Path) -> None:
 def test_cohort_names_may_be_tcga_project_ids() -> None:
     assert "TCGA-LUAD" in validate_config({"cohorts": {"TCGA-LUAD": {"demo": True}}})["cohorts"]
     for bad in ("-LUAD", "LUAD/2", "LU AD"):
-        with pytest.raises(InputError, match="cohorts"):
+        with raises_one_line_error(match="cohorts"):
             validate_config({"cohorts": {bad: {"demo": True}}})
+
+
+def test_typed_settings_cover_the_schema_and_hold_no_defaults_of_their_own() -> None:
+    """The schema's defaults are the only ones: every training and healnet key is a field of exactly
+    one settings class, and no field has a default."""
+    import dataclasses
+
+    from healnet.config import SCHEMA_PATH
+    from healnet.settings import (
+        HealnetSettings,
+        RunSettings,
+        Settings,
+        TrainingSettings,
+        settings_from_config,
+    )
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]
+    training_keys = list(schema["training"]["properties"])
+    names = {cls: [f.name for f in dataclasses.fields(cls)]
+             for cls in (TrainingSettings, RunSettings, HealnetSettings, Settings)}
+    assert names[TrainingSettings] == [k for k in training_keys if k not in names[RunSettings]]
+    assert sorted(names[TrainingSettings] + names[RunSettings]) == sorted(training_keys)
+    assert names[HealnetSettings] == list(schema["healnet"]["properties"])
+    for cls in names:
+        assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   for f in dataclasses.fields(cls)), cls
+    settings = settings_from_config(validate_config({"cohorts": {"X": {"demo": True}}}))
+    assert settings.training.baseline_hidden == schema["training"]["properties"]["baseline_hidden"]["default"]
+    assert settings.run.workers == "auto"
+    assert settings.n_bins == schema["omics"]["properties"]["n_bins"]["default"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.training.lr = 1.0  # type: ignore[misc]
+
+
+def test_training_snapshot_holds_what_changes_what_a_model_learns(tmp_path: Path) -> None:
+    from healnet.settings import load_settings, settings_from_config, training_snapshot
+
+    config = load_config(REPO / "config.yaml")
+    snn, healnet = training_snapshot(config, "DEMO", "snn"), training_snapshot(config, "DEMO", "healnet")
+    assert snn["cohorts"] == {"DEMO": config["cohorts"]["DEMO"]} and snn["omics"] == {"n_bins": 4}
+    run_keys = {"workers", "threads", "save_state_minutes", "feature_cache", "bags_on_device", "device"}
+    assert not run_keys & set(snn["training"]) and not run_keys & set(healnet["training"])
+    assert "modality_dropout" not in snn["training"] and "healnet" not in snn  # an SNN reads neither
+    assert "baseline_hidden" not in healnet["training"] and healnet["healnet"] == config["healnet"]
+    # a run setting changes no snapshot; a learning setting does
+    edited = copy.deepcopy(config)
+    edited["training"].update(workers=3, threads=4, device="cpu", bags_on_device=False)
+    assert training_snapshot(edited, "DEMO", "healnet") == healnet
+    edited["training"]["lr"] = 0.5
+    assert training_snapshot(edited, "DEMO", "healnet")["training"]["lr"] == 0.5
+    # the snapshot is the config a training job loads: the same learning settings come back
+    (tmp_path / "snapshot.json").write_text(json.dumps(healnet, sort_keys=True))
+    assert load_settings(tmp_path / "snapshot.json").training == settings_from_config(config).training

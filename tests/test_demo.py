@@ -13,12 +13,12 @@ import numpy as np
 import openslide
 import pandas as pd
 import pytest
+from helpers import assert_one_line_error, raises_one_line_error, run_healnet
 from scipy.stats import spearmanr
 from sksurv.metrics import concordance_index_censored
 
 import preprocessing.demo.cohort as demo_module
 from healnet.cli import main as healnet_main
-from preprocessing.core.errors import InputError
 from preprocessing.demo.cohort import DemoPlan, generate, plan_cohort, slide_files, write_tables
 from preprocessing.demo.omics import CNV_GENES, MUTATION_RATES, OMIC_SIGNAL, RNA_GENES
 from preprocessing.demo.render import (
@@ -157,23 +157,25 @@ def test_table_contents_are_plausible() -> None:
     assert (clinical["sample"] == clinical["_PATIENT"] + "-01").all()
 
 
+@pytest.mark.parametrize(("args", "kwargs", "said"), [
+    ((2, 0), {}, "patients"),
+    ((10, 0), {"long_side_px": 100}, "long-side"),
+    ((10, 0), {"corrupt_slides": 50}, "corrupt"),
+    ((10, -1), {}, "--seed: -1 is negative"),
+])
+def test_bad_plans_are_one_line_errors(args: tuple[int, int], kwargs: dict[str, int], said: str) -> None:
+    with raises_one_line_error(said):
+        plan_cohort(*args, **kwargs)
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(InputError, match="patients"):
-        plan_cohort(2, 0)
-    with pytest.raises(InputError, match="long-side"):
-        plan_cohort(10, 0, long_side_px=100)
-    with pytest.raises(InputError, match="corrupt"):
-        plan_cohort(10, 0, corrupt_slides=50)
-    with pytest.raises(InputError, match="--seed: -1 is negative"):
-        plan_cohort(10, -1)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     args = ["--patients", "6", "--long-side-px", "2048"]
-    assert healnet_main(["demo", "--out", str(blocker / "x"), *args]) == 1
-    assert "\n" not in capsys.readouterr().err.strip()
-    assert healnet_main(["demo", "--out", str(tmp_path / "x"), "--patients", "3"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("healnet demo: error: --patients:") and "\n" not in err
+    assert_one_line_error(run_healnet(capsys, "demo", "--out", blocker / "x", *args),
+                          "cannot create the cohort folder", command="demo", source=blocker / "x", status=1)
+    assert_one_line_error(run_healnet(capsys, "demo", "--out", tmp_path / "x", "--patients", "3"),
+                          command="demo", source="--patients", status=1)
     assert not (tmp_path / "x").exists()
 
 
@@ -329,12 +331,9 @@ def test_rerun_in_same_folder_removes_the_old_cohorts_slides(tmp_path: Path) -> 
     assert sorted(p.name for p in (out / "slides").iterdir()) == sorted(slide_files(plan_cohort(6, 3, 2048)))
 
 
-def test_real_aperio_slide_reads_like_the_demo_slides(shared_data: Path,
+def test_real_aperio_slide_reads_like_the_demo_slides(real_slide: Path,
                                                       cohort: tuple[Path, DemoPlan]) -> None:
-    path = shared_data / "slides" / "CMU-1-Small-Region.svs"
-    if not path.exists():
-        pytest.skip("CMU-1-Small-Region.svs is not present")
-    real = openslide.OpenSlide(path)
+    real = openslide.OpenSlide(real_slide)
     assert real.properties["openslide.vendor"] == "aperio"
     assert float(real.properties["openslide.mpp-x"]) == pytest.approx(0.499, abs=1e-3)
     assert real.properties["openslide.objective-power"] == "20"

@@ -8,22 +8,19 @@ import pytest
 import skimage.data
 import timm
 import torch
+from helpers import raises_one_line_error
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from preprocessing.core.errors import InputError
 from preprocessing.features import encoders
 from preprocessing.features.encoders import (
-    Normalise,
     build_encoder,
     efficientnet_lite0_package_file,
     efficientnet_lite0_package_state_dict,
-    resize_patch,
-    rgba_to_rgb,
-    sha256_file,
-    state_dict_sha256,
 )
+from preprocessing.features.patch_transforms import Normalise, resize_patch, rgba_to_rgb
+from preprocessing.features.weights import sha256_file, state_dict_sha256
 
 CAT_CLASSES = range(281, 286)  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -69,7 +66,7 @@ def test_package_weights_with_a_wrong_shape_are_refused(tmp_path, monkeypatch):
     broken = tmp_path / "lite0.pth"
     torch.save(state, broken)
     monkeypatch.setattr(encoders, "efficientnet_lite0_package_file", lambda: broken)
-    with pytest.raises(InputError, match=rf"lite0.pth: tensor {key} \(7, 7\) does not fit"):
+    with raises_one_line_error(match=rf"lite0.pth: tensor {key} \(7, 7\) does not fit"):
         build_encoder("efficientnet_lite0")
 
 
@@ -116,24 +113,24 @@ def test_weights_that_do_not_fit_are_input_errors(tmp_path):
     state = _random_state("efficientnet_lite0", seed=3)
     wrong_shape = dict(state, **{"conv_stem.weight": torch.zeros(16, 3, 3, 3)})
     torch.save(wrong_shape, tmp_path / "shape.pth")
-    with pytest.raises(InputError, match=r"shape.pth: shape mismatch for conv_stem.weight"):
+    with raises_one_line_error(match=r"shape.pth: shape mismatch for conv_stem.weight"):
         build_encoder("efficientnet_lite0", weights=tmp_path / "shape.pth")
 
     renamed = {k.replace("blocks.", "stages."): v for k, v in state.items()}
     torch.save(renamed, tmp_path / "keys.pth")
-    with pytest.raises(InputError, match=r"keys.pth: weights do not fit .* missing keys .* unexpected keys"):
+    with raises_one_line_error(match=r"keys.pth: weights do not fit .* missing keys .* unexpected keys"):
         build_encoder("efficientnet_lite0", weights=tmp_path / "keys.pth")
 
-    with pytest.raises(InputError, match=r"absent.pth: weights file not found"):
+    with raises_one_line_error(match=r"absent.pth: weights file not found"):
         build_encoder("efficientnet_lite0", weights=tmp_path / "absent.pth")
 
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint" * 10)
-    with pytest.raises(InputError, match=r"garbage.pth: cannot read weights"):
+    with raises_one_line_error(match=r"garbage.pth: cannot read weights"):
         build_encoder("efficientnet_lite0", weights=tmp_path / "garbage.pth")
 
 
 def test_unknown_encoder_name_is_an_input_error():
-    with pytest.raises(InputError, match=r"--encoder: unknown encoder 'no_such_net'"):
+    with raises_one_line_error(match=r"--encoder: unknown encoder 'no_such_net'"):
         build_encoder("no_such_net")
 
 
@@ -147,9 +144,9 @@ def no_hub(monkeypatch, tmp_path):
 
 
 def test_timm_weights_that_cannot_be_fetched_fail_unless_random_is_allowed(no_hub):
-    with pytest.raises(InputError, match=r"could not be fetched.*--weights"):
+    with raises_one_line_error(match=r"could not be fetched.*--weights"):
         build_encoder("resnet18")
-    with pytest.raises(InputError, match=r"resnet50.tv_in1k: pretrained weights could not be fetched"):
+    with raises_one_line_error(match=r"resnet50.tv_in1k: pretrained weights could not be fetched"):
         build_encoder("resnet50_trunc")
     first = build_encoder("resnet18", allow_random=True)
     second = build_encoder("resnet18", allow_random=True)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from healnet.config import validate_config
 from healnet.modalities import MODEL_MODALITIES
 from healnet.models.baselines import build_model, model_spec
-from healnet.models.healnet import HEALNet, LatentSettings
+from healnet.models.healnet import LATENT_KEYS, HEALNet, LatentSettings
+from healnet.settings import settings_from_config
 
 D, F_RNA, F_CNV = 24, 12, 8
 GROUPS = [("rna", F_RNA), ("cnv", F_CNV)]
+
+# the schema's defaults: every setting a model spec reads
+DEFAULTS = settings_from_config(validate_config({"cohorts": {"X": {"demo": True}}}))
+SETTINGS = {"healnet": DEFAULTS.healnet, "training": DEFAULTS.training}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,8 +82,8 @@ def test_padding_tokens_do_not_change_outputs(name: str) -> None:
         wsi_dim=D,
         n_omics=F_RNA + F_CNV,
         omic_groups=GROUPS,
-        healnet_cfg={"fourier_encode": True},
-        training_cfg={},
+        healnet=replace(DEFAULTS.healnet, fourier_encode=True),
+        training=DEFAULTS.training,
     )
     torch.manual_seed(0)
     model = build_model(spec).eval()
@@ -122,10 +130,10 @@ def test_latent_settings_are_keywords_with_one_set_of_defaults(name: str) -> Non
         wsi_dim=D,
         n_omics=None,
         omic_groups=None,
-        healnet_cfg={"depth": 3, "not_a_setting": 1},
-        training_cfg={},
+        healnet=replace(DEFAULTS.healnet, depth=3),
+        training=DEFAULTS.training,
     )
-    assert set(spec["kwargs"]) == {"depth", "wsi_dim", "n_omics", "n_bins", "omic_groups"}
+    assert set(spec["kwargs"]) == {*LATENT_KEYS, "wsi_dim", "n_omics", "n_bins", "omic_groups"}
     model = build_model(spec)
     assert model.settings == LatentSettings(depth=3)
     with pytest.raises(TypeError, match="dept"):
@@ -153,7 +161,7 @@ def test_l1_penalty_is_the_omic_input_projection_norm(tokens: str) -> None:
 @pytest.mark.parametrize("name", sorted(MODEL_MODALITIES))
 def test_every_model_trains_a_step_with_mixed_missingness(name: str) -> None:
     spec = model_spec(
-        name, n_bins=4, wsi_dim=D, n_omics=F_RNA + F_CNV, omic_groups=GROUPS, healnet_cfg={}, training_cfg={}
+        name, n_bins=4, wsi_dim=D, n_omics=F_RNA + F_CNV, omic_groups=GROUPS, **SETTINGS
     )
     model = build_model(spec).train()
     b = make_batch()
@@ -172,8 +180,7 @@ def test_late_fusion_uses_the_available_branch_when_a_modality_is_missing() -> N
         wsi_dim=D,
         n_omics=F_RNA + F_CNV,
         omic_groups=GROUPS,
-        healnet_cfg={},
-        training_cfg={},
+        **SETTINGS,
     )
     torch.manual_seed(0)
     model = build_model(spec).eval()
@@ -188,9 +195,9 @@ def test_late_fusion_uses_the_available_branch_when_a_modality_is_missing() -> N
 
 
 def test_unimodal_specs_drop_the_other_modality() -> None:
-    snn = model_spec("snn", n_bins=4, wsi_dim=D, n_omics=5, omic_groups=None, healnet_cfg={}, training_cfg={})
+    snn = model_spec("snn", n_bins=4, wsi_dim=D, n_omics=5, omic_groups=None, **SETTINGS)
     abmil = model_spec(
-        "abmil", n_bins=4, wsi_dim=D, n_omics=5, omic_groups=None, healnet_cfg={}, training_cfg={}
+        "abmil", n_bins=4, wsi_dim=D, n_omics=5, omic_groups=None, **SETTINGS
     )
     assert (
         "wsi_dim" not in snn["kwargs"]
@@ -198,7 +205,7 @@ def test_unimodal_specs_drop_the_other_modality() -> None:
         and "n_omics" not in abmil["kwargs"]
     )
     with pytest.raises(ValueError, match="unknown model"):
-        model_spec("mcat", n_bins=4, wsi_dim=D, n_omics=5, omic_groups=None, healnet_cfg={}, training_cfg={})
+        model_spec("mcat", n_bins=4, wsi_dim=D, n_omics=5, omic_groups=None, **SETTINGS)
 
 
 @pytest.mark.parametrize("tokens", ["gene", "modality"])
@@ -239,7 +246,8 @@ def test_a_seed_ensemble_scores_the_mean_survival_curve_of_its_members(name: str
     from healnet.models.loss import risk_from_logits, survival_from_logits
 
     spec = model_spec(name, n_bins=4, wsi_dim=D, n_omics=F_RNA + F_CNV, omic_groups=GROUPS,
-                      healnet_cfg={"n_latents": 8, "latent_dim": 16}, training_cfg={})
+                      healnet=replace(DEFAULTS.healnet, n_latents=8, latent_dim=16),
+                      training=DEFAULTS.training)
     torch.manual_seed(0)
     ensemble = build_model({**spec, "members": 3}).eval()
     assert isinstance(ensemble, SeedEnsemble) and len(ensemble.members) == 3

@@ -185,7 +185,9 @@ def test_cox_screen_keeps_prognostic_genes_and_ignores_held_out_labels() -> None
     assert by_mad.feature_names_ == ["rna:G0"]
     # healnet's fold fit reads only the training patients' survival: held-out survival rewritten to
     # follow gene G3 exactly (which a fit over every row would pick up) changes nothing
-    from healnet.training.cv import fit_omics
+    from healnet.config import validate_config
+    from healnet.settings import settings_from_config
+    from healnet.training.fold import fit_omics
 
     frame.index = pd.Index([f"P{i}" for i in range(n)], name="patient")
     survival = pd.DataFrame({"time": time, "event": event}, index=frame.index)
@@ -193,7 +195,9 @@ def test_cox_screen_keeps_prognostic_genes_and_ignores_held_out_labels() -> None
     scrambled.iloc[50:] = np.c_[np.exp(-3 * values[50:, 3]), np.ones(n - 50)]
     leaky = OmicTransform(max_features_per_modality=2, select_by="cox")
     assert "rna:G3" in leaky.fit(frame, *scrambled.to_numpy().T).feature_names_
-    training = {"omic_max_features": 2, "omic_select_by": "cox"}
+    training = settings_from_config(validate_config(
+        {"cohorts": {"X": {"demo": True}}, "training": {"omic_max_features": 2, "omic_select_by": "cox"}}
+    )).training
     train = list(frame.index[:50])
     assert (
         fit_omics(frame, train, training, survival).columns

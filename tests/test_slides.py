@@ -9,8 +9,8 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+from helpers import raises_one_line_error
 
-from preprocessing.core.errors import InputError
 from preprocessing.demo.svs_writer import write_svs_from_array
 from preprocessing.slides.reader import (
     level_for_mpp,
@@ -22,8 +22,6 @@ from preprocessing.slides.reader import (
     resolve_mpp,
     rgba_to_rgb,
 )
-
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 
 
 def _image(h: int = 640, w: int = 800, seed: int = 0) -> np.ndarray:
@@ -79,7 +77,7 @@ def test_override_table_beats_metadata_matching_name_or_stem(slides: dict[str, P
     # A slide not in the table falls through to its own metadata.
     other = resolve_mpp(_props(slides["bare"]), slides["bare"], overrides=overrides, default_mpp=0.4)
     assert other.source == "default"
-    with pytest.raises(InputError, match="lists both"):
+    with raises_one_line_error(match="lists both"):
         resolve_mpp({}, "dir/aperio.svs", overrides={"aperio": 0.3, "aperio.svs": 0.5})
 
 
@@ -128,7 +126,7 @@ def test_no_metadata_uses_default_else_clear_error(slides: dict[str, Path]) -> N
     props = _props(slides["bare"])
     result = resolve_mpp(props, slides["bare"], default_mpp=0.5)
     assert (result.source, result.mpp) == ("default", 0.5)
-    with pytest.raises(InputError, match="no MPP.*--mpp") as err:
+    with raises_one_line_error(match="no MPP.*--mpp") as err:
         resolve_mpp(props, slides["bare"])
     assert err.value.source == str(slides["bare"])
 
@@ -140,16 +138,16 @@ def test_no_metadata_uses_default_else_clear_error(slides: dict[str, Path]) -> N
     ({"openslide.mpp-x": "0", "openslide.mpp-y": "0"}, {}),
 ])
 def test_absurd_mpp_is_an_error(props: dict[str, str], kwargs: dict[str, float]) -> None:
-    with pytest.raises(InputError, match="implausible MPP"):
+    with raises_one_line_error(match="implausible MPP"):
         resolve_mpp(props, "slide.svs", **kwargs)
 
 
 def test_non_square_pixels_and_garbage_values_are_errors() -> None:
-    with pytest.raises(InputError, match="non-square"):
+    with raises_one_line_error(match="non-square"):
         resolve_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.5"}, "s.svs")
-    with pytest.raises(InputError, match="cannot parse aperio.MPP"):
+    with raises_one_line_error(match="cannot parse aperio.MPP"):
         resolve_mpp({"aperio.MPP": "n/a"}, "s.svs")
-    with pytest.raises(InputError, match="non-square"):
+    with raises_one_line_error(match="non-square"):
         resolve_mpp({"philips.DICOM_PIXEL_SPACING": '"0.00025" "0.0005"'}, "s.tiff")
     # a placeholder y of 0 is ignored, not averaged into half the pixel size
     placeholder = resolve_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0"}, "s.svs")
@@ -165,10 +163,10 @@ def test_non_square_pixels_and_garbage_values_are_errors() -> None:
 def test_bad_override_table(tmp_path: Path, text: str, message: str) -> None:
     table = tmp_path / "mpp.csv"
     table.write_text(text)
-    with pytest.raises(InputError, match=message) as err:
+    with raises_one_line_error(match=message) as err:
         read_mpp_overrides(table)
     assert err.value.source == str(table)
-    with pytest.raises(InputError, match="cannot read MPP override table"):
+    with raises_one_line_error(match="cannot read MPP override table"):
         read_mpp_overrides(tmp_path)  # a folder given by mistake
 
 
@@ -178,16 +176,16 @@ def test_bad_override_table(tmp_path: Path, text: str, message: str) -> None:
 def test_unreadable_files_are_input_errors(slides: dict[str, Path], tmp_path: Path) -> None:
     text = tmp_path / "notes.svs"
     text.write_text("this is not a slide\n")
-    with pytest.raises(InputError, match="not a slide OpenSlide can read") as err:
+    with raises_one_line_error(match="not a slide OpenSlide can read") as err:
         open_slide(text)
     assert err.value.source == str(text)
 
     truncated = tmp_path / "truncated.svs"
     truncated.write_bytes(slides["aperio"].read_bytes()[:4000])
-    with pytest.raises(InputError, match="not a slide OpenSlide can read"):
+    with raises_one_line_error(match="not a slide OpenSlide can read"):
         open_slide(truncated)
 
-    with pytest.raises(InputError, match="no such file"):
+    with raises_one_line_error(match="no such file"):
         open_slide(tmp_path / "missing.svs")
 
 
@@ -200,7 +198,7 @@ def test_corrupt_tile_data_is_an_input_error_on_read(slides: dict[str, Path], tm
     corrupt = tmp_path / "corrupt.svs"
     corrupt.write_bytes(bytes(data))
     slide = open_slide(corrupt)  # the header is intact
-    with pytest.raises(InputError, match="cannot read level 0") as err:
+    with raises_one_line_error(match="cannot read level 0") as err:
         read_region_rgb(slide, (0, 0), 0, (64, 64))
     assert str(corrupt) in str(err.value)
 
@@ -252,13 +250,12 @@ def test_read_patch_same_tissue_at_40x_and_20x(tmp_path: Path) -> None:
         # Beyond the slide edge: white, not black.
         edge = read_patch(a, 1600 - 256, 0, meta40)
         assert (edge[:, 200:] == 255).all()
-        with pytest.raises(InputError, match="downsample"):
+        with raises_one_line_error(match="downsample"):
             read_patch(a, 0, 0, {**meta40, "level": 1, "downsample": 2.0})
 
 
-@pytest.mark.skipif(not (DATA / "slides" / "CMU-1-Small-Region.svs").exists(), reason="shared data absent")
-def test_real_slide_mpp() -> None:
-    path = DATA / "slides" / "CMU-1-Small-Region.svs"
+def test_real_slide_mpp(real_slide: Path) -> None:
+    path = real_slide
     slide = open_slide(path)
     result = resolve_mpp(dict(slide.properties), path)
     assert (result.source, result.mpp) == ("openslide", pytest.approx(0.499))

@@ -9,6 +9,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+from helpers import assert_one_line_error, run_healnet
 from PIL import Image
 
 from healnet.cli import main
@@ -20,8 +21,6 @@ from preprocessing.tiling.tile import tile_slide
 from preprocessing.tiling.tiles import read_tiles
 from preprocessing.tissue import box_fractions, tissue_mask
 
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
-REAL_SLIDE = DATA / "slides" / "CMU-1-Small-Region.svs"
 BACKGROUND = (242, 240, 243)
 PINK = (225, 140, 185)
 
@@ -185,9 +184,8 @@ def test_cli_writes_tiles_and_qc_with_spaces_and_non_ascii(pair: tuple[Path, Pat
     # -o naming a folder: one line, exit 1, and no QC picture without its tiles file
     taken = tmp_path / "taken"
     taken.mkdir()
-    status = main(["tile", str(slide), "-o", str(taken), "--qc", str(tmp_path / "q.png")])
-    assert status == 1
-    assert "taken: exists and is a folder" in capsys.readouterr().err
+    ran = run_healnet(capsys, "tile", slide, "-o", taken, "--qc", tmp_path / "q.png")
+    assert_one_line_error(ran, "exists and is a folder", command="tile", source=taken, status=1)
     assert not (tmp_path / "q.png").exists() and not any(taken.iterdir())
 
 
@@ -207,10 +205,10 @@ def test_cli_unreadable_slide_fails_with_one_line_and_no_output(tmp_path: Path,
     bad = tmp_path / "notes.svs"
     bad.write_text("not a slide\n")
     out, qc = tmp_path / "out" / "t.parquet", tmp_path / "out" / "qc.png"
-    assert main(["tile", str(bad), "-o", str(out), "--qc", str(qc)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"healnet tile: error: {bad}: not a slide OpenSlide can read (unsupported format, " \
-                      "not an image, or truncated)"
+    ran = run_healnet(capsys, "tile", bad, "-o", out, "--qc", qc)
+    line = assert_one_line_error(ran, command="tile", status=1)
+    assert line == f"healnet tile: error: {bad}: not a slide OpenSlide can read (unsupported format, " \
+                   "not an image, or truncated)"
     assert not out.exists() and not qc.exists()
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
@@ -226,9 +224,8 @@ def test_cli_corrupt_tile_data_fails_cleanly(tmp_path: Path, capsys: pytest.Capt
     corrupt = tmp_path / "damaged.svs"
     corrupt.write_bytes(bytes(data))
     out = tmp_path / "t.parquet"
-    assert main(["tile", str(corrupt), "-o", str(out)]) == 1
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"healnet tile: error: {corrupt}: cannot read level 2")
+    ran = run_healnet(capsys, "tile", corrupt, "-o", out)
+    assert_one_line_error(ran, "cannot read level 2", command="tile", source=corrupt, status=1)
     assert not out.exists()
 
 
@@ -238,8 +235,9 @@ def test_cli_record_mode_writes_a_failed_marker(tmp_path: Path, capsys: pytest.C
     corrupt = tmp_path / "corrupt.svs"
     corrupt.write_bytes(good.read_bytes()[:3000])
     out, qc = tmp_path / "t.parquet", tmp_path / "qc.png"
-    assert main(["tile", str(corrupt), "-o", str(out), "--qc", str(qc), "--on-error", "record"]) == 0
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"healnet tile: error: {corrupt}: ")
+    ran = run_healnet(capsys, "tile", corrupt, "-o", out, "--qc", qc, "--on-error", "record")
+    assert ran.returncode == 0  # recorded, not fatal: the error is still its one line
+    assert_one_line_error(ran.stderr, command="tile", source=corrupt)
     tiles, meta = read_tiles(out)
     assert tiles.empty and list(tiles.columns) == ["x", "y", "tissue_fraction"]
     assert "not a slide" in meta["failed"] and meta["slide"] == "corrupt"
@@ -255,15 +253,15 @@ def test_cli_bad_override_table_fails_even_in_record_mode(pair: tuple[Path, Path
     table = tmp_path / "mpp.csv"
     table.write_text("name,value\nx,1\n")
     out = tmp_path / "t.parquet"
-    with pytest.raises(InputError, match="lacks column"):
+    with pytest.raises(InputError) as raised:
         tile_cli([str(pair[1]), "-o", str(out), "--mpp-overrides", str(table), "--on-error", "record"])
+    assert_one_line_error(raised, "lacks column")
     assert not out.exists()
 
 
-@pytest.mark.skipif(not REAL_SLIDE.exists(), reason="shared data absent")
-def test_real_slide(tmp_path: Path) -> None:
+def test_real_slide(real_slide: Path, tmp_path: Path) -> None:
     out, qc = tmp_path / "cmu.parquet", tmp_path / "cmu.png"
-    assert main(["tile", str(REAL_SLIDE), "-o", str(out), "--qc", str(qc)]) == 0
+    assert main(["tile", str(real_slide), "-o", str(out), "--qc", str(qc)]) == 0
     tiles, meta = read_tiles(out)
     assert (meta["mpp"], meta["mpp_source"], meta["level"]) == (pytest.approx(0.499), "openslide", 0)
     # 2220 x 2967 px at 0.499 um/px with 257 px patches: an 8 x 11 grid, tissue on roughly a third of it.

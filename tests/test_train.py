@@ -19,9 +19,10 @@ pytest.importorskip("preprocessing.omics.transforms")
 pytest.importorskip("preprocessing.omics.labels")
 
 from healnet.cli import main as healnet_main  # noqa: E402
+from healnet.data.checkpoints import load_checkpoint  # noqa: E402
 from healnet.evaluation import summary as evaluate  # noqa: E402
 from healnet.report import attention as explain  # noqa: E402
-from healnet.training import cv as train  # noqa: E402
+from healnet.training import loop, memory  # noqa: E402
 from preprocessing.core.errors import InputError  # noqa: E402
 
 # The device of every `healnet train` call here; HEALNET_TEST_DEVICE=cuda runs them on a GPU.
@@ -202,7 +203,7 @@ def test_checkpoint_reproduces_the_saved_predictions(
     from preprocessing.omics.transforms import OmicTransform
 
     omics_dir, features_dir, _ = cohort
-    model, ckpt = train.load_checkpoint(healnet_run / "models" / "healnet" / "fold1.pt")
+    model, ckpt = load_checkpoint(healnet_run / "models" / "healnet" / "fold1.pt")
     # the default screen keeps 8 of the 10 rna columns (cox score on the training fold) and all 5 cnv
     assert ckpt["wsi_dim"] == DIM and ckpt["fold"] == 1 and len(ckpt["feature_names"]) == 8 + 5
     transform = OmicTransform.from_state_dict(ckpt["omic_transform"])
@@ -231,7 +232,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error(healnet_run: Path, tmp_path: P
         path = tmp_path / name
         path.write_bytes(data)
         with pytest.raises(InputError) as caught:
-            train.load_checkpoint(path)
+            load_checkpoint(path)
         message = str(caught.value)
         assert message.startswith(str(path)) and "cannot read checkpoint" in message
         assert len(message.splitlines()) == 1
@@ -304,8 +305,8 @@ def assert_same_outputs(outputs: list[tuple[pd.DataFrame, pd.DataFrame, list]]) 
 
 
 def count_store_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The paths healnet.data.bags.read_store is called with from now on (in this process)."""
-    from healnet.data import bags as data
+    """The paths healnet.data.stores reads stores at from now on (in this process)."""
+    from healnet.data import stores as data
 
     reads: list[Path] = []
     read_store = data.read_store
@@ -326,7 +327,7 @@ def test_reader_count_leaves_the_numbers_unchanged(cohort: tuple[Path, Path, Pat
         config = write_config(tmp_path / f"w{workers}.yaml", modality_dropout=0.5, workers=workers)
         output, log = fold0_outputs(config, omics_dir, features_dir, tmp_path / f"w{workers}")
         outputs.append(output)
-    assert log["training"]["workers"] == 2
+    assert log["run"]["workers"] == 2 and "workers" not in log["training"]
     assert_same_outputs(outputs)
 
 
@@ -348,7 +349,7 @@ def test_decoded_feature_cache_reads_each_store_once_and_changes_no_number(
             assert len(reads) > len(set(reads))  # every epoch decodes its stores again
         elif workers == 0:
             assert sorted(reads) == sorted(set(reads))  # each store decoded once
-        assert log["training"]["feature_cache"] == (str(cache) if extra else None)
+        assert log["run"]["feature_cache"] == (str(cache) if extra else None)
     assert_same_outputs(outputs)
     assert cache.is_dir() and not any(cache.iterdir())  # each run's private folder is removed
 
@@ -367,18 +368,20 @@ def test_a_cache_that_cannot_be_written_costs_no_second_decoding(
     cohort: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from healnet.data import bags as data
+    from healnet.data.bags import BagDataset
+    from healnet.data.stores import index_stores
+    from preprocessing.omics.directory import load_omics_dir
 
     omics_dir, features_dir, _ = cohort
-    manifest = data.load_omics_dir(omics_dir).manifest
-    found, _ = data.index_stores(features_dir, manifest)
+    manifest = load_omics_dir(omics_dir).manifest
+    found, _ = index_stores(features_dir, manifest)
     bags = [found.get(p, []) for p in manifest["patient"]]
     row = next(i for i, b in enumerate(bags) if b)
     n = len(bags)
 
-    def dataset(cache_dir: Path | None) -> data.BagDataset:
-        return data.BagDataset(np.zeros((n, 1), np.float32), np.ones(n, bool), bags, np.zeros(n, int),
-                               np.ones(n), np.ones(n), cache_dir=cache_dir)
+    def dataset(cache_dir: Path | None) -> BagDataset:
+        return BagDataset(np.zeros((n, 1), np.float32), np.ones(n, bool), bags, np.zeros(n, int),
+                          np.ones(n), np.ones(n), cache_dir=cache_dir)
 
     reads = count_store_reads(monkeypatch)
     blocker = tmp_path / "a-file"
@@ -401,7 +404,7 @@ def test_bags_kept_on_the_device_change_no_number_and_are_read_when_they_do_not_
     for name, setting, workers in (("read", "no", 0), ("kept", "yes", 0), ("kept-readers", "yes", 2),
                                    ("too-large", "yes", 0)):
         if name == "too-large":
-            monkeypatch.setattr(train, "free_memory", lambda device: 1000)
+            monkeypatch.setattr(memory, "free_memory", lambda device: 1000)
         config = write_config(tmp_path / f"{name}.yaml", modality_dropout=0.5, workers=workers, epochs=3)
         caplog.clear()
         output, log = fold0_outputs(config, omics_dir, features_dir, tmp_path / name,
@@ -451,7 +454,7 @@ def test_feature_cache_none_in_a_config_means_no_cache(
                                    "--folds", "0")) == 0
     assert not (tmp_path / "none").exists()
     log = json.loads((tmp_path / "out" / "results" / "healnet" / "log.json").read_text())
-    assert log["training"]["feature_cache"] is None  # recorded as the CLI's `--feature-cache none` is
+    assert log["run"]["feature_cache"] is None  # recorded as the CLI's `--feature-cache none` is
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -525,10 +528,14 @@ def test_early_stopping_uses_an_inner_split_of_the_training_fold(
 def test_early_stopping_without_a_comparable_pair_keeps_the_epoch_with_the_lowest_validation_loss() -> None:
     """A small inner split may hold no death, or none before another patient's time: its c-index is
     undefined at every epoch, so epochs are ranked by the validation NLL instead of keeping epoch 0."""
+    from healnet.config import validate_config
     from healnet.data.bags import BagDataset
+    from healnet.evaluation.metrics import c_index
     from healnet.models.baselines import SNN
+    from healnet.settings import settings_from_config
 
-    assert np.isnan(train._c_index(np.array([1.0, 2.0]), np.array([0, 1]), np.array([0.3, 0.1])))
+    with pytest.raises(ValueError):  # no comparable pair: the c-index is undefined
+        c_index(np.array([1.0, 2.0]), np.array([0, 1]), np.array([0.3, 0.1]))
     rng = np.random.default_rng(0)
     n, n_train = 40, 32
     x = rng.normal(size=(n, 5)).astype(np.float32)
@@ -538,9 +545,10 @@ def test_early_stopping_without_a_comparable_pair_keeps_the_epoch_with_the_lowes
     dataset = BagDataset(x, np.ones(n, bool), [[] for _ in range(n)], bins, events, times, read_wsi=False)
     training = {"lr": 3e-3, "weight_decay": 0.0, "batch_size": 8, "grad_accumulation": 1, "alpha": 0.4,
                 "l1_omics": 0.0, "epochs": 12, "patience": 12}
+    settings = settings_from_config(validate_config({"cohorts": {"X": {"demo": True}}, "training": training}))
     torch.manual_seed(0)
-    history = train.train_model(SNN(n_omics=5), dataset, np.arange(n_train), np.arange(n_train, n), training,
-                                torch.device("cpu"), 0, 0, None)
+    history = loop.train_model(SNN(n_omics=5), dataset, np.arange(n_train), np.arange(n_train, n),
+                               settings.training, torch.device("cpu"), 0, 0, None)
     epochs = [h for h in history if "epoch" in h]
     assert all(np.isnan(h["inner_val_c_index"]) for h in epochs)
     losses = [h["inner_val_nll"] for h in epochs]
@@ -553,16 +561,19 @@ def test_bags_kept_in_ram_are_copied_out_of_the_readers_shared_memory(
 ) -> None:
     """On CPU, a kept bag that stayed a view of a reader's batch would hold that batch's shared-memory
     file descriptors open: two per patient, so a 500-patient fold hit the usual limit of 1,024."""
-    from healnet.data import bags as data
+    from healnet.data.bags import BagDataset
+    from healnet.data.resident import ResidentBags
+    from healnet.data.stores import index_stores
+    from preprocessing.omics.directory import load_omics_dir
 
     omics_dir, features_dir, _ = cohort
-    manifest = data.load_omics_dir(omics_dir).manifest
-    found, _ = data.index_stores(features_dir, manifest)
+    manifest = load_omics_dir(omics_dir).manifest
+    found, _ = index_stores(features_dir, manifest)
     bags = [found.get(p, []) for p in manifest["patient"]]
     n = len(bags)
-    dataset = data.BagDataset(np.zeros((n, 1), np.float32), np.ones(n, bool), bags, np.zeros(n, int),
-                              np.ones(n), np.ones(n))
-    kept = data.ResidentBags(dataset, range(n), torch.device("cpu"), workers=1)
+    dataset = BagDataset(np.zeros((n, 1), np.float32), np.ones(n, bool), bags, np.zeros(n, int),
+                         np.ones(n), np.ones(n))
+    kept = ResidentBags(dataset, range(n), torch.device("cpu"), workers=1)
     assert kept.features and not any(t.is_shared() for t in [*kept.features.values(), *kept.coords.values()])
     row = next(iter(kept.features))
     np.testing.assert_array_equal(kept.features[row].numpy(), dataset.read_bag(row)[0])
@@ -740,7 +751,7 @@ def test_the_report_draws_only_the_models_it_is_given(
 ) -> None:
     """A model dropped from `models:` leaves its results folder behind; the report (which the
     workflow gives the configured models) must not plot it, nor read a left-over HEALNet."""
-    from healnet.report import figures as report
+    from healnet.report import cli as report
 
     omics_dir, features_dir, config = cohort
     results = healnet_run / "results"
@@ -893,7 +904,7 @@ def test_folds_trained_as_separate_runs_collect_into_the_all_fold_outputs(
     shutil.rmtree(model_dir / "fold3")
     fold1 = model_dir / "fold1" / "log.json"
     log1 = json.loads(fold1.read_text())
-    fold1.write_text(json.dumps({**log1, "training": {**log1["training"], "threads": 7}}))
+    fold1.write_text(json.dumps({**log1, "run": {**log1["run"], "threads": 7, "device": "cuda"}}))
     assert healnet_main(["collect", "--results-dir", str(model_dir), "--folds", "0,1,2"]) == 0
     fold1.write_text(json.dumps({**log1, "training": {**log1["training"], "lr": 0.5}}))
     capsys.readouterr()
@@ -939,7 +950,7 @@ def count_training_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int | Non
     """Count the training steps (loss evaluations) from now on in ``["n"]``; the step numbered
     ``["kill_at"]`` raises :class:`Killed`, as a job killed in the middle of an epoch."""
     steps: dict[str, int | None] = {"n": 0, "kill_at": None}
-    loss_fn = train.nll_survival_loss
+    loss_fn = loop.nll_survival_loss
 
     def counted_loss(*args: object, **kwargs: object) -> torch.Tensor:
         steps["n"] += 1
@@ -947,7 +958,7 @@ def count_training_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int | Non
             raise Killed
         return loss_fn(*args, **kwargs)
 
-    monkeypatch.setattr(train, "nll_survival_loss", counted_loss)
+    monkeypatch.setattr(loop, "nll_survival_loss", counted_loss)
     return steps
 
 
@@ -1020,7 +1031,7 @@ def test_a_seed_ensemble_fold_keeps_every_member_and_a_kill_loses_only_the_unfin
     steps["n"] = 0
     whole, whole_path = run("whole", 2)
     assert steps["n"] == 2 * per_member
-    model, ckpt = train.load_checkpoint(whole_path)
+    model, ckpt = load_checkpoint(whole_path)
     assert ckpt["model_spec"]["members"] == 2 and len(model.members) == 2
     # member i is the model that a single run with training.seed + i trains; the ensemble's risk is
     # the members' mean risk

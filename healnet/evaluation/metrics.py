@@ -27,6 +27,16 @@ from sksurv.util import Surv
 METRICS = ("c_index", "ipcw_c_index", "ibs", "td_auc", "ibs_kaplan_meier")
 
 
+def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's c-index of ``risk`` (higher = worse prognosis); a ValueError when it is undefined: no
+    event, or no comparable pair (scikit-survival's NoComparablePairException is a ValueError)."""
+    event = np.asarray(event).astype(bool)
+    if not event.any():
+        raise ValueError("no events in the evaluation fold")
+    time, risk = np.asarray(time, dtype=float), np.asarray(risk, dtype=float)
+    return float(concordance_index_censored(event, time, risk)[0])
+
+
 def survival_knots(edges: np.ndarray, n_bins: int, t_max: float) -> np.ndarray:
     """Times at which the discrete survival curve reaches ``1, S_0, ..., S_{K-1}`` (K + 1 knots).
 
@@ -93,12 +103,7 @@ def fold_metrics(
             value, note = float("nan"), str(err).splitlines()[0][:200]
         results.append({"metric": metric, "value": value, "note": note})
 
-    def c_index() -> float:
-        if not test_event.any():
-            raise ValueError("no events in the evaluation fold")
-        return concordance_index_censored(test_event, test_time, risk)[0]
-
-    record("c_index", c_index)
+    record("c_index", lambda: c_index(test_time, test_event, risk))
 
     # censor test patients at the end of training follow-up (censoring weights are unknown beyond it)
     t_max = train_time.max() if len(train_time) else 0.0

@@ -17,55 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from healnet.data.results import read_folds
 from healnet.evaluation.metrics import METRICS
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
 from preprocessing.core.atomic import atomic_output
-from preprocessing.core.errors import InputError
 
 SETTING_ORDER = ("full", "omics_only", "wsi_only", "random_half")
-FOLD_COLUMNS = ("model", "fold", "setting", "metric", "value")
-
-
-def check_folds_table(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """``frame`` (a ``folds.csv``) if it has the columns, whole fold numbers and numeric values (NaN
-    allowed: a metric a fold cannot define); otherwise an InputError naming ``path``."""
-    missing = [c for c in FOLD_COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputError(path, f"missing columns {missing}")
-    for column in ("fold", "value"):
-        numbers = pd.to_numeric(frame[column], errors="coerce")
-        bad = numbers.isna() & frame[column].notna()
-        if column == "fold":
-            bad |= numbers.isna() | (numbers != numbers.round())
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise InputError(path, f"column {column!r} holds {frame[column].iloc[row]!r} (row {row + 2}), "
-                                   "not a number; retrain to rewrite it")
-        frame[column] = numbers.astype(int) if column == "fold" else numbers.astype(float)
-    if frame["setting"].isna().any() or frame["metric"].isna().any():
-        raise InputError(path, "empty 'setting' or 'metric' cells; retrain to rewrite it")
-    return frame
-
-
-def read_folds(results_dir: Path, models: list[str] | None) -> pd.DataFrame:
-    """All ``folds.csv`` tables of a cohort (the given models, or every subfolder that has one)."""
-    if not results_dir.is_dir():
-        raise InputError(results_dir, "results folder does not exist")
-    if models is None:
-        models = sorted(p.parent.name for p in results_dir.glob("*/folds.csv"))
-        if not models:
-            raise InputError(results_dir, "no {model}/folds.csv found")
-    frames = []
-    for model in models:
-        path = results_dir / model / "folds.csv"
-        if not path.is_file():
-            raise InputError(path, f"missing: train model {model} first")
-        try:
-            frame = pd.read_csv(path)
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-            raise InputError(path, f"cannot read CSV: {err}") from err
-        frames.append(check_folds_table(frame, path).assign(model=model))
-    return pd.concat(frames, ignore_index=True)
 
 
 def summarise(folds: pd.DataFrame) -> pd.DataFrame:

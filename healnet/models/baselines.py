@@ -31,6 +31,7 @@ from healnet.models.healnet import (
     fourier_features,
     normalise_coords,
 )
+from healnet.settings import HealnetSettings, TrainingSettings
 
 
 def _real_tokens(wsi_mask: Tensor | None, wsi: Tensor) -> Tensor:
@@ -290,24 +291,23 @@ def model_spec(
     wsi_dim: int | None,
     n_omics: int | None,
     omic_groups: Sequence[tuple[str, int]] | None,
-    healnet_cfg: dict[str, Any],
-    training_cfg: dict[str, Any],
+    healnet: HealnetSettings,
+    training: TrainingSettings,
 ) -> dict[str, Any]:
     """The JSON-able spec that :func:`build_model` turns into a model (stored in every checkpoint).
 
-    Inputs a model does not read are dropped (``wsi_dim`` for the SNN, ``n_omics`` for ABMIL).
+    Inputs a model does not read are dropped (``wsi_dim`` for the SNN, ``n_omics`` for ABMIL). HEALNet
+    and the Perceiver take the ``healnet`` settings, the other models the baseline width and dropout
+    of ``training``.
     """
     if name not in MODEL_MODALITIES:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODEL_MODALITIES)}")
     mods = MODEL_MODALITIES[name]
     wsi_dim = wsi_dim if "wsi" in mods else None
     n_omics = n_omics if "omics" in mods else None
-    base = {
-        "hidden": training_cfg.get("baseline_hidden", 256),
-        "dropout": training_cfg.get("baseline_dropout", 0.25),
-    }
+    base = {"hidden": training.baseline_hidden, "dropout": training.baseline_dropout}
     if name in READS_HEALNET_SETTINGS:
-        kwargs: dict[str, Any] = {k: healnet_cfg[k] for k in LATENT_KEYS if k in healnet_cfg}
+        kwargs: dict[str, Any] = {k: getattr(healnet, k) for k in LATENT_KEYS}
         kwargs.update(
             wsi_dim=wsi_dim,
             n_omics=n_omics,

@@ -24,8 +24,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from healnet.data.bags import read_store  # noqa: E402
-from healnet.report.figures import message_figure, save_figure  # noqa: E402
+from healnet.report.figure_files import message_figure, save_figure  # noqa: E402
+from preprocessing.features.store import read_store  # noqa: E402
+from preprocessing.omics.directory import load_omics_dir  # noqa: E402
 from preprocessing.tiling.tiles import read_tiles  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def draw_attention_figures(models_dir: Path | None, predictions: pd.DataFrame, o
     ``predictions`` its held-out risks (all settings), used to pick the highest- and lowest-risk
     patients to draw.
     """
-    from healnet.training.cv import load_checkpoint
+    from healnet.data.checkpoints import load_checkpoint
 
     checkpoints = sorted(models_dir.glob("fold*.pt")) if models_dir is not None else []
     if not checkpoints:
@@ -154,8 +155,8 @@ def draw_attention_figures(models_dir: Path | None, predictions: pd.DataFrame, o
         message_figure(wsi_path, "HEALNet attention on slides", why)
         message_figure(omics_path, "HEALNet omic attention", why)
         return
-    manifest = pd.read_parquet(omics_dir / "manifest.parquet").set_index("patient")
-    features = pd.read_parquet(omics_dir / "features.parquet")
+    tables = load_omics_dir(omics_dir)
+    manifest, features = tables.manifest, tables.features
     preds = predictions[predictions["setting"] == "full"]
 
     omic_rows: list[dict[str, float]] = []       # per patient: token -> attention / uniform attention

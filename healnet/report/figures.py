@@ -1,20 +1,14 @@
-"""Figures and tables for one cohort (``healnet report``): what a pathologist looks at after a run.
+"""The report's survival figures and failed-slide table for one cohort (``healnet report``, see
+:mod:`healnet.report.cli`).
 
 - ``km_curves.png``: Kaplan-Meier curves of held-out patients, split at each fold's training-median risk,
   with the log-rank p-value (lifelines), one panel per model;
 - ``c_index.png``: c-index per model with one point per fold;
-- ``attention_wsi.png``: HEALNet's per-patch cross-attention drawn over slide thumbnails;
-- ``attention_omics.png``: the omic tokens HEALNet's cross-attention weighted most, and the omic
-  features whose gradient x input moved its predicted risk most;
 - ``failed_slides.csv`` (beside the figures folder): slides that gave no patches, and why.
-
-The Snakemake rule ``report`` runs this; ``snakemake --report report.html`` then collects the figures,
-the summary table and the tiling QC pictures into one HTML file.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -25,47 +19,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from healnet.evaluation.summary import read_folds  # noqa: E402
+from healnet.data.results import read_predictions  # noqa: E402
+from healnet.report.figure_files import message_figure, save_figure  # noqa: E402
 from preprocessing.core.atomic import atomic_output  # noqa: E402
 from preprocessing.core.errors import InputError, one_line  # noqa: E402
-from preprocessing.slides.files import SlideFolderError, find_slide_files  # noqa: E402
+from preprocessing.features.store import store_attrs  # noqa: E402
 from preprocessing.tiling.tiles import read_tiles  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def save_figure(fig: plt.Figure, path: Path) -> None:
-    """Save a figure atomically as PNG and close it."""
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def message_figure(path: Path, title: str, message: str) -> None:
-    """A figure that says in words why there is nothing to plot (the report keeps its layout)."""
-    fig, ax = plt.subplots(figsize=(6, 2))
-    ax.axis("off")
-    ax.set_title(title)
-    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
-    save_figure(fig, path)
-
-
 def load_predictions(results_dir: Path, models: list[str]) -> pd.DataFrame:
     """All models' held-out predictions in one frame (column ``model`` added)."""
-    frames = []
-    for model in models:
-        path = results_dir / model / "predictions.parquet"
-        if not path.exists():
-            raise InputError(path, "missing: train this model first")
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as err:  # noqa: BLE001 - any reader failure means an unusable file
-            raise InputError(path, f"cannot read predictions ({one_line(err)}); retrain this model") from err
-        needed = ("patient", "fold", "setting", "risk", "time", "event", "train_median_risk")
-        missing = [c for c in needed if c not in frame]
-        if missing:
-            raise InputError(path, f"missing columns {missing}; retrain this model")
-        frames.append(frame.assign(model=model))
+    frames = [read_predictions(results_dir / model / "predictions.parquet").assign(model=model)
+              for model in models]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -171,13 +138,11 @@ def failed_slides(
 
 def _extraction_failure(store: Path) -> str | None:
     """Why extraction recorded this store as failed (``on_slide_error: record``), else None."""
-    import zarr
-
     if not store.is_dir():
         return None
     try:
-        return zarr.open_group(str(store), mode="r").attrs.get("failed")
-    except Exception:  # noqa: BLE001 - a store that cannot be opened is training's error to report
+        return store_attrs(store).get("failed")
+    except InputError:  # a store that cannot be opened is training's error to report
         return None
 
 
@@ -185,57 +150,3 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Write a CSV atomically."""
     with atomic_output(path) as tmp:
         frame.to_csv(tmp, index=False)
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="healnet report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cohort", required=True)
-    p.add_argument("--results-dir", type=Path, required=True, help="results/{cohort}")
-    p.add_argument("--omics-dir", type=Path, required=True, help="omics/{cohort}")
-    p.add_argument("--models-dir", type=Path, required=True, help="models/{cohort}")
-    p.add_argument("--features-dir", type=Path, required=True, help="features/{cohort}/{encoder}")
-    p.add_argument("--tiles-dir", type=Path, required=True, help="tiles/{cohort}")
-    p.add_argument("--slides-dir", default="", help="folder of the cohort's slides (for thumbnails)")
-    p.add_argument("--models", default="", help="comma-separated; default: every model under --results-dir")
-    p.add_argument("--top-omic-features", type=int, default=15)
-    p.add_argument("--heatmap-slides", type=int, default=3)
-    p.add_argument("-o", "--out", type=Path, required=True, help="figures folder")
-    return p
-
-
-def cli(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
-    models = [m for m in args.models.split(",") if m] or sorted(
-        p.parent.name for p in args.results_dir.glob("*/predictions.parquet")
-    )
-    if not models:
-        raise InputError(args.results_dir, "no trained model results (*/predictions.parquet)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    predictions = load_predictions(args.results_dir, models)
-    folds = read_folds(args.results_dir, models)
-    logrank = plot_km_curves(predictions, args.out / "km_curves.png")
-    write_csv(logrank, args.results_dir / "logrank.csv")
-    plot_c_index(folds, args.out / "c_index.png")
-    slides = None  # without a readable slides folder (slides moved off after extraction): every tiles file
-    if args.slides_dir:
-        try:
-            slides = set(find_slide_files(args.slides_dir))
-        except SlideFolderError:
-            pass
-    failed = failed_slides(args.tiles_dir, args.features_dir, slides)
-    write_csv(failed, args.results_dir / "failed_slides.csv")
-
-    from healnet.report import attention as explain
-
-    # Only a configured HEALNet is drawn: a checkpoint folder left over from an earlier run is not read.
-    healnet_preds = predictions[predictions["model"] == "healnet"]
-    healnet_dir = args.models_dir / "healnet" if "healnet" in models else None
-    explain.draw_attention_figures(
-        models_dir=healnet_dir, predictions=healnet_preds, omics_dir=args.omics_dir,
-        features_dir=args.features_dir,
-        tiles_dir=args.tiles_dir, slides_dir=Path(args.slides_dir) if args.slides_dir else None,
-        wsi_path=args.out / "attention_wsi.png", omics_path=args.out / "attention_omics.png",
-        n_slides=args.heatmap_slides, top_features=args.top_omic_features,
-    )
-    log.info("figures written to %s", args.out)
-    return 0

@@ -10,16 +10,13 @@ checking that each folder holds exactly its own fold.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from healnet.config import TRAINING_RUN_SETTINGS
-from healnet.evaluation.summary import check_folds_table
-from preprocessing.core.atomic import atomic_output
+from healnet.data.results import read_fold_results, write_results
 from preprocessing.core.errors import InputError
 
 
@@ -42,36 +39,10 @@ DESCRIBED = {"cohort": "cohort", "model": "model", "training": "training setting
 
 def run_description(log: dict[str, Any]) -> dict[str, Any]:
     """What must be the same for every fold of one model's results: cohort, model and the settings
-    that change what is learnt (not the run settings such as readers, threads or the device)."""
-    training = {k: v for k, v in log.get("training", {}).items() if k not in TRAINING_RUN_SETTINGS}
-    return {"cohort": log.get("cohort"), "model": log.get("model"), "training": training,
+    that change what is learnt (``training``; the run settings such as readers, threads or the
+    device are logged apart, under ``run``)."""
+    return {"cohort": log.get("cohort"), "model": log.get("model"), "training": log.get("training"),
             "healnet": log.get("healnet"), "n_bins": log.get("n_bins")}
-
-
-def _read_fold(folder: Path, fold: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """One fold's metrics, predictions and log, each checked to be that fold's alone."""
-    paths = [folder / "folds.csv", folder / "predictions.parquet", folder / "log.json"]
-    for path in paths:
-        if not path.is_file():
-            raise InputError(path, f"missing: train fold {fold} first (healnet train --folds {fold})")
-    try:
-        metrics = pd.read_csv(paths[0])
-        predictions = pd.read_parquet(paths[1])
-        log = json.loads(paths[2].read_text())
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise InputError(folder, f"cannot read the fold's outputs ({type(err).__name__}: {err})") from err
-    check_folds_table(metrics, paths[0])
-    if not isinstance(log, dict) or not isinstance(log.get("seconds", 0.0), int | float):
-        raise InputError(paths[2], "not a training log (a JSON object with numeric 'seconds'); "
-                                   "retrain the fold")
-    for path, frame in ((paths[0], metrics), (paths[1], predictions)):
-        fold_numbers = pd.to_numeric(frame["fold"], errors="coerce") if "fold" in frame else pd.Series([])
-        if fold_numbers.isna().any():
-            raise InputError(path, "column 'fold' holds a value that is not a number; retrain the fold")
-        found = sorted(set(fold_numbers.astype(int)))
-        if found != [fold]:
-            raise InputError(path, f"holds fold(s) {found}, expected only fold {fold}")
-    return metrics, predictions, log
 
 
 def collect_folds(results_dir: str | Path, folds: Sequence[int]) -> pd.DataFrame:
@@ -83,7 +54,7 @@ def collect_folds(results_dir: str | Path, folds: Sequence[int]) -> pd.DataFrame
     results_dir = Path(results_dir)
     if not folds:
         raise InputError("--folds", "no folds given")
-    parts = [_read_fold(results_dir / f"fold{k}", k) for k in sorted(folds)]
+    parts = [read_fold_results(results_dir / f"fold{k}", k) for k in sorted(folds)]
     first = run_description(parts[0][2])
     for k, (metrics_k, _, log_k) in zip(sorted(folds), parts, strict=True):
         described = run_description(log_k)
@@ -99,12 +70,7 @@ def collect_folds(results_dir: str | Path, folds: Sequence[int]) -> pd.DataFrame
     log = {k: v for k, v in parts[0][2].items() if k not in ("seconds", "folds")}
     log["seconds"] = round(sum(float(p[2].get("seconds", 0.0)) for p in parts), 2)
     log["folds"] = [entry for p in parts for entry in p[2].get("folds", [])]
-    with atomic_output(results_dir / "folds.csv") as tmp:
-        metrics.to_csv(tmp, index=False)
-    with atomic_output(results_dir / "predictions.parquet") as tmp:
-        predictions.to_parquet(tmp, index=False)
-    with atomic_output(results_dir / "log.json") as tmp:
-        tmp.write_text(json.dumps(log, indent=1, default=float))
+    write_results(results_dir, metrics, predictions, log)
     return metrics
 
 

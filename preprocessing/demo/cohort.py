@@ -158,32 +158,10 @@ def plan_cohort(patients: int, seed: int, long_side_px: int = 20000, corrupt_sli
     true_risk = histology_risk + omic_risk + noise_risk
     os_time, os_event, event_days = survival_times(true_risk, r_surv)
 
-    # Slides: decided in patient order so each has a stable file name.
-    specs: list[SlideSpec] = []
-    for i in range(n):
-        for dx in range(1, (0 if i in no_slide else 2 if i in two_slides else 1) + 1):
-            specs.append(_slide_spec(r_slides, ids[i], dx, long_side_px, float(tumour_fraction[i])))
-    n_slides = len(specs)
-    # Both scanner settings always occur (40x at 0.25 um/px, 20x at 0.5 um/px).
-    n40 = min(n_slides - 1, max(1, int(round(SHARE_40X * n_slides))))
-    at40 = set(r_slides.permutation(n_slides)[:n40].tolist())
-    pens = set(_pick(r_slides, np.arange(n_slides), SHARE_PEN).tolist())
-    pales = set(_pick(r_slides, np.arange(n_slides), SHARE_PALE).tolist())
-    inks = r_slides.choice(["green", "blue", "black"], n_slides)
-    specs = [replace(s, magnification=40 if j in at40 else 20, mpp=0.25 if j in at40 else 0.5,
-                     pen=str(inks[j]) if j in pens else None, pale=j in pales)
-             for j, s in enumerate(specs)]
-
-    # Unreadable extra slides, for patients that have omics.
-    if corrupt_slides > len(with_omics):
-        raise InputError("--corrupt-slides", f"{corrupt_slides} is more than the {len(with_omics)} "
-                                             "patients with omics")
-    n_corrupt = np.zeros(n, int)
-    for j, i in enumerate(r_corrupt.choice(with_omics, corrupt_slides, replace=False)):
-        have = sum(s.patient == ids[i] for s in specs)   # next DX number
-        spec = _slide_spec(r_corrupt, ids[i], have + 1, long_side_px, float(tumour_fraction[i]))
-        specs.append(replace(spec, corrupt=CORRUPT_KINDS[j % len(CORRUPT_KINDS)]))
-        n_corrupt[i] += 1
+    slides_per_patient = [0 if i in no_slide else 2 if i in two_slides else 1 for i in range(n)]
+    specs = _plan_slides(r_slides, ids, slides_per_patient, long_side_px, tumour_fraction)
+    n_corrupt = _add_corrupt_slides(r_corrupt, specs, ids, with_omics, corrupt_slides, long_side_px,
+                                    tumour_fraction)
     specs.sort(key=lambda s: s.file_name)
 
     has_omics = np.array([i not in no_omics for i in range(n)])
@@ -202,6 +180,43 @@ def plan_cohort(patients: int, seed: int, long_side_px: int = 20000, corrupt_sli
     truth = truth.sort_values("patient", ignore_index=True)
     return DemoPlan(patients=n, seed=seed, long_side_px=long_side_px, corrupt_slides=corrupt_slides,
                     truth=truth, slides=tuple(specs), rna=rna, cnv=cnv, maf=maf)
+
+
+def _plan_slides(rng: np.random.Generator, ids: list[str], slides_per_patient: list[int], long_side_px: int,
+                 tumour_fraction: np.ndarray) -> list[SlideSpec]:
+    """The readable slides, decided in patient order so each has a stable file name, with their
+    scanner setting, pen marks and pale staining."""
+    specs: list[SlideSpec] = []
+    for i, count in enumerate(slides_per_patient):
+        for dx in range(1, count + 1):
+            specs.append(_slide_spec(rng, ids[i], dx, long_side_px, float(tumour_fraction[i])))
+    n_slides = len(specs)
+    # Both scanner settings always occur (40x at 0.25 um/px, 20x at 0.5 um/px).
+    n40 = min(n_slides - 1, max(1, int(round(SHARE_40X * n_slides))))
+    at40 = set(rng.permutation(n_slides)[:n40].tolist())
+    pens = set(_pick(rng, np.arange(n_slides), SHARE_PEN).tolist())
+    pales = set(_pick(rng, np.arange(n_slides), SHARE_PALE).tolist())
+    inks = rng.choice(["green", "blue", "black"], n_slides)
+    return [replace(s, magnification=40 if j in at40 else 20, mpp=0.25 if j in at40 else 0.5,
+                    pen=str(inks[j]) if j in pens else None, pale=j in pales)
+            for j, s in enumerate(specs)]
+
+
+def _add_corrupt_slides(rng: np.random.Generator, specs: list[SlideSpec], ids: list[str],
+                        with_omics: np.ndarray, corrupt_slides: int, long_side_px: int,
+                        tumour_fraction: np.ndarray) -> np.ndarray:
+    """Append ``corrupt_slides`` unreadable extra slides, for patients that have omics, to ``specs``;
+    returns the number per patient."""
+    if corrupt_slides > len(with_omics):
+        raise InputError("--corrupt-slides", f"{corrupt_slides} is more than the {len(with_omics)} "
+                                             "patients with omics")
+    n_corrupt = np.zeros(len(ids), int)
+    for j, i in enumerate(rng.choice(with_omics, corrupt_slides, replace=False)):
+        have = sum(s.patient == ids[i] for s in specs)   # next DX number
+        spec = _slide_spec(rng, ids[i], have + 1, long_side_px, float(tumour_fraction[i]))
+        specs.append(replace(spec, corrupt=CORRUPT_KINDS[j % len(CORRUPT_KINDS)]))
+        n_corrupt[i] += 1
+    return n_corrupt
 
 
 def _slide_spec(rng: np.random.Generator, patient: str, dx: int, long_side: int,

@@ -19,8 +19,8 @@ import pandas as pd
 
 from preprocessing.core.errors import InputError
 from preprocessing.omics.barcodes import describe_rows, parse_barcode, slide_patient
-from preprocessing.omics.readers import MODALITIES, CohortTables, slide_stem
-from preprocessing.slides.files import SLIDE_SUFFIXES, SlideFolderError, find_slide_files
+from preprocessing.omics.cohort_tables import MODALITIES, CohortTables
+from preprocessing.slides.files import SLIDE_SUFFIXES, SlideFolderError, find_slide_files, slide_stem
 from preprocessing.tiling.tiles import read_tiles
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,7 @@ def build_manifest(
     clinical = tables.clinical
     patients = list(clinical.index)
     known = set(patients)
-    for modality, frame in tables.omics.items():
-        if len(frame) and not known & set(frame.index):
-            raise InputError(tables.sources.get(modality, tables.sources.get("table", modality)),
-                             f"no patients in common with the clinical table ({len(frame)} patients in "
-                             f"{modality}, e.g. {frame.index[0]}; {len(known)} with survival, "
-                             f"e.g. {patients[0]})")
+    _check_omics_overlap(tables, patients)
     if slide_stems is None and tiles_dir is not None:
         slide_stems = sorted(p.stem for p in Path(tiles_dir).glob("*.parquet") if not p.name.startswith("."))
         slide_source = str(tiles_dir)
@@ -130,20 +125,61 @@ def build_manifest(
     by_patient: dict[str, list[str]] = {}
     status: dict[str, str | None] = {}
     if slide_stems is not None:
-        by_patient = _slides_by_patient(slide_stems, slide_source)
-        if by_patient and not known & set(by_patient):
-            raise InputError(slide_source, f"no slide belongs to a patient of the clinical table "
-                                           f"(e.g. {next(iter(by_patient))}; clinical e.g. {patients[0]})")
-        if tiles_dir is not None:
-            status = tiles_status([s for p in by_patient if p in known for s in by_patient[p]], tiles_dir)
-        status.update(_normal_tissue_slides(slide_stems))
-        orphans = sorted(s for p, stems in by_patient.items() if p not in known for s in stems)
-        if orphans:
-            log.warning("%d slide(s) of patients without clinical/survival data ignored: %s", len(orphans),
-                        describe_rows(orphans))
-        info["slides_without_clinical"] = orphans
+        by_patient, status = _match_slides(slide_stems, slide_source, patients, tiles_dir, info)
+    manifest = _manifest_rows(tables, by_patient, status)
+    _count_slides(tables, manifest, by_patient, slide_stems is not None, info)
+    info["omic_patients_without_survival"] = {
+        m: sorted(set(frame.index) - known) for m, frame in tables.omics.items() if set(frame.index) - known
+    }
+    for m, missing in info["omic_patients_without_survival"].items():
+        log.warning("%s: %d patient(s) with %s data but no survival record are not used", m, len(missing), m)
+    no_data = manifest.loc[~manifest["has_data"], "patient"].tolist()
+    if no_data:
+        log.warning("%d patient(s) have survival but neither slides nor omics (kept, has_data=False): %s",
+                    len(no_data), describe_rows(no_data))
+    return manifest, info
+
+
+def _check_omics_overlap(tables: CohortTables, patients: list[str]) -> None:
+    """InputError when an omic table shares no patient with the clinical table (a mismatched input)."""
+    known = set(patients)
+    for modality, frame in tables.omics.items():
+        if len(frame) and not known & set(frame.index):
+            raise InputError(tables.sources.get(modality, tables.sources.get("table", modality)),
+                             f"no patients in common with the clinical table ({len(frame)} patients in "
+                             f"{modality}, e.g. {frame.index[0]}; {len(known)} with survival, "
+                             f"e.g. {patients[0]})")
+
+
+def _match_slides(
+    slide_stems: Sequence[str], slide_source: str, patients: list[str], tiles_dir: str | Path | None,
+    info: dict[str, Any],
+) -> tuple[dict[str, list[str]], dict[str, str | None]]:
+    """(patient -> slide stems, slide stem -> why it is unusable or None); slides of patients without
+    survival are logged and listed in ``info``."""
+    known = set(patients)
+    by_patient = _slides_by_patient(slide_stems, slide_source)
+    if by_patient and not known & set(by_patient):
+        raise InputError(slide_source, f"no slide belongs to a patient of the clinical table "
+                                       f"(e.g. {next(iter(by_patient))}; clinical e.g. {patients[0]})")
+    status: dict[str, str | None] = {}
+    if tiles_dir is not None:
+        status = tiles_status([s for p in by_patient if p in known for s in by_patient[p]], tiles_dir)
+    status.update(_normal_tissue_slides(slide_stems))
+    orphans = sorted(s for p, stems in by_patient.items() if p not in known for s in stems)
+    if orphans:
+        log.warning("%d slide(s) of patients without clinical/survival data ignored: %s", len(orphans),
+                    describe_rows(orphans))
+    info["slides_without_clinical"] = orphans
+    return by_patient, status
+
+
+def _manifest_rows(tables: CohortTables, by_patient: dict[str, list[str]],
+                   status: dict[str, str | None]) -> pd.DataFrame:
+    """The manifest: one row per patient of the clinical table, sorted by patient."""
+    clinical = tables.clinical
     rows = []
-    for patient in patients:
+    for patient in clinical.index:
         stems = by_patient.get(patient, [])
         usable = [s for s in stems if status.get(s) is None]
         failed = [f"{s}: {status[s]}" for s in stems if status.get(s) is not None]
@@ -169,8 +205,12 @@ def build_manifest(
     manifest = manifest[order + [c for c in manifest.columns if c not in order]]
     manifest["time"] = manifest["time"].astype(np.float64)
     manifest["event"] = manifest["event"].astype(np.int64)
-    manifest = manifest.sort_values("patient", ignore_index=True)
+    return manifest.sort_values("patient", ignore_index=True)
 
+
+def _count_slides(tables: CohortTables, manifest: pd.DataFrame, by_patient: dict[str, list[str]],
+                  slides_given: bool, info: dict[str, Any]) -> None:
+    """Add the slide counts and the failed slides with their reasons to ``info``."""
     listed = {s for stems in tables.listed_slides.values() for s in stems}
     present = {s for stems in by_patient.values() for s in stems}
     info.update({
@@ -183,18 +223,8 @@ def build_manifest(
             for s in fs
         ],
     })
-    if slide_stems is not None and listed:
+    if slides_given and listed:
         info["slides_listed_but_absent"] = sorted(listed - present)
-    info["omic_patients_without_survival"] = {
-        m: sorted(set(frame.index) - known) for m, frame in tables.omics.items() if set(frame.index) - known
-    }
-    for m, missing in info["omic_patients_without_survival"].items():
-        log.warning("%s: %d patient(s) with %s data but no survival record are not used", m, len(missing), m)
-    no_data = manifest.loc[~manifest["has_data"], "patient"].tolist()
-    if no_data:
-        log.warning("%d patient(s) have survival but neither slides nor omics (kept, has_data=False): %s",
-                    len(no_data), describe_rows(no_data))
-    return manifest, info
 
 
 def build_features(

@@ -1,5 +1,10 @@
 """Discrete survival-time bins for the NLL survival loss, fitted on one fold's training patients only.
 
+Used by both steps: ``healnet omics`` bins the whole cohort's times to balance the folds
+(:mod:`preprocessing.omics.splits`) and lists each fold's cut points in its summary
+(:func:`fold_time_bins`); ``healnet train`` fits one :class:`TimeBins` per fold for the loss's labels
+(:mod:`healnet.training.fold`) and saves it in the fold checkpoint.
+
 As in MCAT/HEALNet, the cut points are quantiles of the *uncensored* training times, and the outer
 bins are open (a time below the first cut is bin 0, above the last cut bin ``n_bins - 1``), so
 validation times outside the training range still get a bin. A time equal to a cut point falls into

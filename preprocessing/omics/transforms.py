@@ -1,5 +1,10 @@
 """Fold-fitted preprocessing of the omic matrix: log, feature selection, imputation, scaling.
 
+Used at training time, not by ``healnet omics``: ``healnet train`` fits one :class:`OmicTransform`
+per fold on that fold's training patients (:mod:`healnet.training.fold`) and saves its state in the
+fold checkpoint, from which the report's attention figures restore it. It lives here, beside the
+omic tables it transforms, so that it depends on nothing in :mod:`healnet`.
+
 Everything is learned from the rows passed to :meth:`OmicTransform.fit` (a fold's training
 patients) and only applied to others, so validation values never shape the transform. Steps, per
 column ``{modality}:{gene}``:

@@ -3,7 +3,8 @@
 Standard library only, because the Snakefile calls it while it builds the DAG. Subfolders are
 searched too, since the GDC Data Transfer Tool saves every TCGA file in a folder named by its file
 UUID (``slides/<uuid>/TCGA-...-DX1.<uuid>.svs``); a flat folder of files or of links to files works
-the same way. Outputs are named by slide stem, so two slide files with one stem are an error.
+the same way. Outputs are named by slide stem, so two slide files with one stem are an error;
+:func:`slide_stem` gives the same stem for a slide named in an omic table or a slide list.
 """
 
 from __future__ import annotations
@@ -47,3 +48,9 @@ def find_slide_files(folder: str | Path) -> dict[str, Path]:
         raise SlideFolderError(f"{len(clashes)} slide name(s) occur more than once under the slides folder, "
                                f"e.g. {stem} ({listed}); outputs are named by slide, so keep one")
     return {stem: paths[0] for stem, paths in sorted(found.items())}
+
+
+def slide_stem(name: str) -> str:
+    """A slide file name without its extension (``x.svs`` -> ``x``); a bare stem is returned as is."""
+    path = Path(name)
+    return path.stem if path.suffix.lower() in SLIDE_SUFFIXES else path.name

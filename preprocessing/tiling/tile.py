@@ -114,6 +114,7 @@ def tile_slide(slide_path: str | Path, *, target_mpp: float = 0.5, patch_size: i
 def _tile_open_slide(slide: openslide.OpenSlide, path: Path, *, target_mpp: float, patch_size: int,
                      min_tissue_fraction: float, mpp: float | None, overrides: dict[str, float] | None,
                      default_mpp: float | None, mask_params: MaskParams, qc: bool) -> TilingResult:
+    """:func:`tile_slide` on an opened slide (OpenSlideError propagates)."""
     props = dict(slide.properties)
     resolved = resolve_mpp(props, path, cli_mpp=mpp, overrides=overrides, default_mpp=default_mpp)
     downsamples = tuple(slide.level_downsamples)
@@ -131,29 +132,9 @@ def _tile_open_slide(slide: openslide.OpenSlide, path: Path, *, target_mpp: floa
     mask_ds = downsamples[m_level] * k  # level-0 px per mask px
     mask = tissue_mask(images[0], resolved.mpp * mask_ds, mask_params)
 
-    # Physical grid of whole patches from the top-left corner; tissue fraction from the mask.
-    cols, rows = width // p0, height // p0
-    gy, gx = np.mgrid[0:rows, 0:cols]
-    xs, ys = (gx.ravel() * p0).astype(np.int64), (gy.ravel() * p0).astype(np.int64)
-    fractions = box_fractions(mask.tissue, xs / mask_ds, ys / mask_ds, p0 / mask_ds)
-    keep = fractions >= min_tissue_fraction
-    tiles = pd.DataFrame({"x": xs[keep], "y": ys[keep],
-                          "tissue_fraction": fractions[keep].astype(np.float32)})
-
-    warnings = []
-    if cols * rows == 0:
-        warnings.append(f"slide ({width} x {height} px) is smaller than one patch ({p0} x {p0} level-0 px)")
-    elif not mask.tissue.any():
-        warnings.append("no tissue found")
-    elif tiles.empty:
-        warnings.append(f"no patch reaches the minimum tissue fraction {min_tissue_fraction:g}")
-    if target_mpp < resolved.mpp * (1 - LEVEL_TOLERANCE):
-        warnings.append(f"target {target_mpp:g} um/px is finer than the scan ({resolved.mpp:.4g} um/px): "
-                        "patches are upsampled")
-    stained = mask.tissue_area_mm2 + mask.pen_area_mm2
-    if mask.pen_area_mm2 > 0.5 * stained > 0:
-        warnings.append(f"pen-mark rules excluded {mask.pen_area_mm2:.2f} mm^2, more than the tissue kept; "
-                        "check the QC picture")
+    tiles, cols, rows = _patch_grid(width, height, p0, mask, mask_ds, min_tissue_fraction)
+    warnings = _tiling_warnings(width, height, p0, cols * rows, mask, tiles, min_tissue_fraction,
+                                target_mpp, resolved.mpp)
     for text in warnings:
         log.warning("%s: %s", path.name, text)
 
@@ -197,6 +178,40 @@ def _tile_open_slide(slide: openslide.OpenSlide, path: Path, *, target_mpp: floa
     if qc:
         picture = render_qc(images[-1], downsamples[m_level] * kq, mask, mask_ds, tiles, p0, meta)
     return TilingResult(tiles=tiles, meta=meta, qc=picture, warnings=warnings)
+
+
+def _patch_grid(width: int, height: int, p0: int, mask: TissueMask, mask_ds: float,
+                min_tissue_fraction: float) -> tuple[pd.DataFrame, int, int]:
+    """(kept patches, grid columns, grid rows): the physical grid of whole ``p0`` px patches from the
+    top-left corner, each patch's tissue fraction read from the mask (``mask_ds`` level-0 px per px)."""
+    cols, rows = width // p0, height // p0
+    gy, gx = np.mgrid[0:rows, 0:cols]
+    xs, ys = (gx.ravel() * p0).astype(np.int64), (gy.ravel() * p0).astype(np.int64)
+    fractions = box_fractions(mask.tissue, xs / mask_ds, ys / mask_ds, p0 / mask_ds)
+    keep = fractions >= min_tissue_fraction
+    tiles = pd.DataFrame({"x": xs[keep], "y": ys[keep],
+                          "tissue_fraction": fractions[keep].astype(np.float32)})
+    return tiles, cols, rows
+
+
+def _tiling_warnings(width: int, height: int, p0: int, n_cells: int, mask: TissueMask, tiles: pd.DataFrame,
+                     min_tissue_fraction: float, target_mpp: float, mpp: float) -> list[str]:
+    """Why a slide gave no patches, or patches worth a look (upsampled, more pen than tissue)."""
+    warnings = []
+    if n_cells == 0:
+        warnings.append(f"slide ({width} x {height} px) is smaller than one patch ({p0} x {p0} level-0 px)")
+    elif not mask.tissue.any():
+        warnings.append("no tissue found")
+    elif tiles.empty:
+        warnings.append(f"no patch reaches the minimum tissue fraction {min_tissue_fraction:g}")
+    if target_mpp < mpp * (1 - LEVEL_TOLERANCE):
+        warnings.append(f"target {target_mpp:g} um/px is finer than the scan ({mpp:.4g} um/px): "
+                        "patches are upsampled")
+    stained = mask.tissue_area_mm2 + mask.pen_area_mm2
+    if mask.pen_area_mm2 > 0.5 * stained > 0:
+        warnings.append(f"pen-mark rules excluded {mask.pen_area_mm2:.2f} mm^2, more than the tissue kept; "
+                        "check the QC picture")
+    return warnings
 
 
 # ---------------------------------------------------------------------------------------------- QC
