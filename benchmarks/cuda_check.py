@@ -1,11 +1,12 @@
 """Does cross-validated training give the same answer on a GPU as on the CPU?
 
-Builds the small synthetic cohort of the test suite (tests/test_train.py: 40 patients, some without a
-slide or omics, a planted risk in a few genes and patches), runs ``healnet train`` for each model on
-the CPU and on CUDA, and prints the per-fold c-index of both and their largest difference. GPU
-kernels sum in other orders, so small differences are expected (dropout is switched off, since its
-masks come from each device's own random stream); a large one points at a device bug
-(a tensor left on the CPU, a mask lost in a copy, mixed precision where it should not be).
+Builds the small synthetic cohort of the training tests (tests/factory.py, training_cohort: 24
+patients, some without a slide or omics, a planted risk in a few genes and patches), runs
+``healnet train`` for each model on the CPU and on CUDA, and prints the per-fold c-index of both and
+their largest difference. GPU kernels sum in other orders, so small differences are expected
+(dropout is switched off, since its masks come from each device's own random stream); a large one
+points at a device bug (a tensor left on the CPU, a mask lost in a copy, mixed precision where it
+should not be).
 
     python benchmarks/cuda_check.py [--models healnet,abmil,snn,perceiver,late_fusion] [--epochs 3]
 """
@@ -20,12 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_train import make_cohort, train_args, write_config  # noqa: E402
+from factory import train_args, training_cohort, write_config  # noqa: E402
 
 from healnet.cli import main as healnet_main  # noqa: E402
 
@@ -51,19 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        omics_dir, features_dir = make_cohort(root)
+        cohort = training_cohort(root)
         # no dropout of any kind: its masks come from a different random stream on each device
-        config = write_config(root / "config.yaml", epochs=args.epochs, baseline_dropout=0.0,
-                              modality_dropout=0.0)
-        settings = yaml.safe_load(config.read_text())
-        settings["healnet"].update(attn_dropout=0.0, ff_dropout=0.0)
-        config.write_text(yaml.safe_dump(settings))
+        config = write_config(root / "config.yaml",
+                              {"epochs": args.epochs, "baseline_dropout": 0.0, "modality_dropout": 0.0},
+                              {"attn_dropout": 0.0, "ff_dropout": 0.0})
         for model in args.models.split(","):
             scores = {}
             for i, device in enumerate((first, second)):
                 out = root / f"{i}-{device}"
-                cmd = train_args(config, omics_dir, features_dir, out, model)
-                cmd[cmd.index("--device") + 1] = device
+                cmd = train_args(cohort, config, model, out, device=device, workers=None)
                 start = time.perf_counter()
                 if healnet_main(cmd) != 0:
                     print(f"{model} on {device}: healnet train failed")

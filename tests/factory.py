@@ -6,10 +6,16 @@ per-slide feature stores (written by :func:`preprocessing.features.store.write_s
 extraction uses, with the features of a stub encoder). A planted risk ``z`` per patient sets its
 survival time and shows in a few omic genes and in some patches of its slide, so a model that learns
 can rank the patients, and the planted risk itself bounds how well it can.
+
+:func:`training_cohort` is the small cohort of the training tests (every kind of missing input), and
+:func:`shared_cohort` / :func:`shared_run` give one copy of it, and one trained run per model, to
+every test module of a pytest session.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +23,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
+import zarr
 
 from preprocessing.features.store import write_store
 from preprocessing.omics.directory import write_omics_dir
 
 #: what a stub encoder writes into a store's attributes (the keys extraction records)
 STUB_ENCODER = {"encoder": "stub", "weights": "random", "weights_sha256": None, "dtype": "float16"}
+#: the device of the tests' ``healnet train`` calls; ``HEALNET_TEST_DEVICE=cuda`` runs them on a GPU
+TEST_DEVICE = os.environ.get("HEALNET_TEST_DEVICE", "cpu")
 
 
 @dataclass(frozen=True)
@@ -74,12 +84,17 @@ def survival(z: np.ndarray, rng: np.random.Generator, noise: float) -> tuple[np.
 
 def planted_cohort(root: Path, n_patients: int = 24, n_folds: int = 3, dim: int = 16, seed: int = 0,
                    no_wsi: Collection[str] = (), no_omics: Collection[str] = (), noise: float = 0.5,
-                   patches: tuple[int, int] = (10, 40)) -> Cohort:
+                   patches: tuple[int, int] = (10, 40), empty_stores: Collection[str] = (),
+                   unextracted: Collection[str] = (),
+                   missing_values: Collection[tuple[str, str]] = ()) -> Cohort:
     """Write a cohort whose survival follows a planted risk ``z ~ N(0, 1)``.
 
     Omics: ``rna:G0``..``rna:G9`` (the first three are ``z`` plus noise) and ``cnv:C0``..``cnv:C4``
     (noise); slides: ``patches`` rows per store, a third of them carrying ``z`` in their first four
-    dimensions. Patients in ``no_wsi`` have no slide, those in ``no_omics`` no omic row.
+    dimensions. Patients in ``no_wsi`` have no slide, those in ``no_omics`` no omic row. The slides of
+    patients in ``empty_stores`` have a store without patches, those in ``unextracted`` are listed in
+    the manifest but have no store (never extracted); ``missing_values`` are ``(patient, column)`` omic
+    cells left NaN (imputed per fold). None of the three changes the random draws of the others.
     """
     rng = np.random.default_rng(seed)
     patients = patient_ids(n_patients)
@@ -97,7 +112,10 @@ def planted_cohort(root: Path, n_patients: int = 24, n_folds: int = 3, dim: int 
         feats[rng.random(n) < 1 / 3, :4] += z[i]
         cells = rng.permutation(400)[:n]  # distinct places on a 20 x 20 grid of 256-px patches
         coords = np.c_[cells % 20, cells // 20] * 256
-        write_feature_store(features_dir / f"{slide_stem(patient, i)}.zarr", feats, coords)
+        if patient in empty_stores:
+            feats, coords = feats[:0], coords[:0]
+        if patient not in unextracted:
+            write_feature_store(features_dir / f"{slide_stem(patient, i)}.zarr", feats, coords)
         slides.append([slide_stem(patient, i)])
     manifest = pd.DataFrame({"patient": patients, "time": time, "event": event, "slides": slides,
                              "has_wsi": [bool(s) for s in slides],
@@ -106,6 +124,8 @@ def planted_cohort(root: Path, n_patients: int = 24, n_folds: int = 3, dim: int 
     cnv = rng.integers(-2, 3, size=(n_patients, 5)).astype(float)
     omics = pd.DataFrame(np.c_[rna, cnv], index=pd.Index(patients, name="patient"),
                          columns=[f"rna:G{j}" for j in range(10)] + [f"cnv:C{j}" for j in range(5)])
+    for patient, column in missing_values:
+        omics.loc[patient, column] = np.nan
     omics = omics.drop(index=sorted(no_omics))
     write_omics_tables(omics_dir, manifest, omics, round_robin_splits(patients, n_folds))
     return Cohort(root, omics_dir, features_dir, manifest, pd.Series(z, index=patients, name="z"), n_folds)
@@ -134,19 +154,136 @@ def write_config(path: Path, training: Mapping[str, Any] | None = None,
     return path
 
 
-def train(cohort: Cohort, config: Path, model: str, out: Path, *extra: str) -> int:
-    """``healnet train`` of one model on CPU, one torch thread, bags read in this process, into
-    ``out/models/<model>`` and ``out/results/<model>``; torch's thread count is restored after."""
+def train_args(cohort: Cohort, config: Path, model: str, out: Path, *extra: str, workers: int | None = 0,
+               device: str = TEST_DEVICE, results: Path | None = None) -> list[str]:
+    """The arguments of ``healnet train`` for one model of ``cohort`` (cohort ``TINY``), one torch
+    thread, into ``out/models/<model>`` and ``out/results/<model>`` (or ``results``). ``workers``:
+    processes reading bags (0: this process; None: the config's ``training.workers``)."""
+    args = ["train", "--config", str(config), "--cohort", "TINY", "--model", model,
+            "--omics-dir", str(cohort.omics_dir), "--features-dir", str(cohort.features_dir),
+            "--models-dir", str(out / "models" / model),
+            "--results-dir", str(results or out / "results" / model),
+            "--device", device, "--threads", "1"]
+    return [*args, *([] if workers is None else ["--workers", str(workers)]), *extra]
+
+
+def train(cohort: Cohort, config: Path, model: str, out: Path, *extra: str, workers: int | None = 0,
+          device: str = TEST_DEVICE, results: Path | None = None) -> int:
+    """``healnet train`` of one model in this process (see :func:`train_args`; by default on
+    :data:`TEST_DEVICE`, the CPU unless set otherwise, with the bags read in this process); torch's
+    thread count is restored after."""
     import torch
 
     from healnet.cli import main
 
     threads = torch.get_num_threads()
     try:
-        return main(["train", "--config", str(config), "--cohort", "TINY", "--model", model,
-                     "--omics-dir", str(cohort.omics_dir), "--features-dir", str(cohort.features_dir),
-                     "--models-dir", str(out / "models" / model),
-                     "--results-dir", str(out / "results" / model),
-                     "--device", "cpu", "--threads", "1", "--workers", "0", *extra])
+        return main(train_args(cohort, config, model, out, *extra, workers=workers, device=device,
+                               results=results))
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ the training tests' cohort
+
+#: patients of :func:`training_cohort` without usable slide features: no slide at all, a store
+#: without patches, a slide listed in the manifest but never extracted
+NO_SLIDE, EMPTY_STORE, UNEXTRACTED = "TCGA-AA-0003", "TCGA-AA-0010", "TCGA-AA-0017"
+NO_WSI = frozenset({NO_SLIDE, EMPTY_STORE, UNEXTRACTED})
+#: patients of :func:`training_cohort` without omics
+NO_OMICS = frozenset({"TCGA-AA-0005", "TCGA-AA-0012"})
+
+
+def training_cohort(root: Path) -> Cohort:
+    """The training tests' cohort: 24 patients in 3 round-robin folds (patient ``i`` held out in fold
+    ``i % 3``), 16-dim slide features, every kind of missing slide (:data:`NO_WSI`), two patients
+    without omics (:data:`NO_OMICS`) and one missing omic value."""
+    return planted_cohort(root, n_patients=24, n_folds=3, dim=16, no_wsi=[NO_SLIDE], no_omics=NO_OMICS,
+                          empty_stores=[EMPTY_STORE], unextracted=[UNEXTRACTED],
+                          missing_values=[("TCGA-AA-0001", "rna:G2")])
+
+
+_SHARED: dict[tuple[str, ...], Any] = {}
+
+
+def shared_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Cohort, Path]:
+    """One :func:`training_cohort` and its default config (:func:`write_config`) for the whole pytest
+    session, so that every module's tests can compare against the runs of :func:`shared_run`.
+    Tests must not change it: copy what they damage."""
+    key = (str(tmp_path_factory.getbasetemp()), "cohort")
+    if key not in _SHARED:
+        root = tmp_path_factory.mktemp("cohort")
+        _SHARED[key] = training_cohort(root), write_config(root / "config.yaml")
+    return _SHARED[key]
+
+
+def shared_run(tmp_path_factory: pytest.TempPathFactory, model: str) -> Path:
+    """The folder ``out`` of one all-fold ``healnet train`` of ``model`` on :func:`shared_cohort`
+    (``out/models/<model>``, ``out/results/<model>``; every model in the same ``out``), trained once
+    per pytest session with the config's reader processes."""
+    cohort, config = shared_cohort(tmp_path_factory)
+    key = (str(tmp_path_factory.getbasetemp()), "run", model)
+    if key not in _SHARED:
+        out = cohort.root / "run"
+        status = train(cohort, config, model, out, workers=None)
+        assert status == 0, f"healnet train --model {model} exited {status}"
+        _SHARED[key] = out
+    return _SHARED[key]
+
+
+def damage_store(path: Path, how: str) -> Path:
+    """Damage a feature store as disks, copies and killed jobs do: ``incomplete`` (its writer never
+    finished: no ``complete`` mark), ``missing_chunk`` (a chunk file gone, a partial copy: zarr would
+    read zeros), ``bad_metadata`` (metadata no longer JSON), ``undecodable`` (a chunk that no longer
+    decompresses)."""
+    chunk = path / "features" / "c" / "0" / "0"
+    if how == "incomplete":
+        del zarr.open_group(str(path), mode="r+").attrs["complete"]
+    elif how == "missing_chunk":
+        chunk.unlink()
+    elif how == "bad_metadata":
+        (path / "zarr.json").write_text("{oops")
+    elif how == "undecodable":
+        chunk.write_bytes(b"not a zstd frame")
+    else:
+        raise ValueError(f"unknown damage {how!r}")
+    return path
+
+
+
+# ------------------------------------------------------------------ what a training run gave
+
+RunOutputs = tuple[pd.DataFrame, pd.DataFrame, list]
+
+
+def fold0_outputs(cohort: Cohort, config: Path, out: Path, *extra: str) -> tuple[RunOutputs, dict]:
+    """Train HEALNet's fold 0 (reader processes as the config says); its ``(folds.csv, predictions,
+    per-epoch losses)`` and its ``log.json``."""
+    assert train(cohort, config, "healnet", out, "--folds", "0", *extra, workers=None) == 0
+    results = out / "results" / "healnet"
+    log = json.loads((results / "log.json").read_text())
+    losses = [e.get("train_loss") for e in log["folds"][0]["epochs"]]
+    return (pd.read_csv(results / "folds.csv"), pd.read_parquet(results / "predictions.parquet"), losses), log
+
+
+def assert_same_outputs(outputs: list[RunOutputs]) -> None:
+    """Every run's ``folds.csv``, predictions and losses equal the first's."""
+    for other in outputs[1:]:
+        pd.testing.assert_frame_equal(other[0], outputs[0][0])
+        pd.testing.assert_frame_equal(other[1], outputs[0][1])
+        assert other[2] == outputs[0][2]
+
+
+def count_store_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths healnet.data.stores reads stores at from now on (in this process)."""
+    from healnet.data import stores as data
+
+    reads: list[Path] = []
+    read_store = data.read_store
+
+    def counted(path: Path, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        reads.append(path)
+        return read_store(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "read_store", counted)
+    return reads

@@ -15,20 +15,26 @@ from preprocessing.omics.cli import cli
 from preprocessing.omics.labels import fold_time_bins
 from preprocessing.omics.transforms import fit_fold
 
-SHARED = Path(__file__).parents[1] / ".." / "shared" / "data"
-TABLE = SHARED / "omics" / "tcga_luad_all_clean.csv.zip"
-SPLITS = SHARED / "omics" / "tcga_luad_splits"
 
-pytestmark = pytest.mark.skipif(not TABLE.is_file(), reason="../shared/data (TCGA-LUAD table) not present")
+@pytest.fixture(scope="module")
+def table(shared_data: Path) -> Path:
+    """The TCGA-LUAD MCAT table (skips without ../shared/data, fails without it under CI)."""
+    return shared_data / "omics" / "tcga_luad_all_clean.csv.zip"
 
 
 @pytest.fixture(scope="module")
-def luad(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def splits_dir(shared_data: Path) -> Path:
+    """The folder of its five published splits, ``splits_{k}.csv``."""
+    return shared_data / "omics" / "tcga_luad_splits"
+
+
+@pytest.fixture(scope="module")
+def luad(tmp_path_factory: pytest.TempPathFactory, table: Path, splits_dir: Path) -> dict:
     """Run the command once per module (with covariates and the shipped splits) and read its outputs."""
     out = tmp_path_factory.mktemp("luad")
-    assert cli(["--cohort", "LUAD", "--omics", str(TABLE), "--splits", str(SPLITS),
+    assert cli(["--cohort", "LUAD", "--omics", str(table), "--splits", str(splits_dir),
                 "--clinical-covariates", "age,is_female", "-o", str(out)]) == 0
-    raw = pd.read_csv(TABLE)
+    raw = pd.read_csv(table)
     return {
         "out": out,
         "raw": raw,
@@ -75,8 +81,8 @@ def test_features_hold_omics_and_only_asked_clinical_columns(luad: dict) -> None
     assert features["clin:age"].isna().sum() == raw.drop_duplicates("case_id")["age"].isna().sum()
 
 
-def test_no_covariates_unless_asked(luad: dict, tmp_path: Path) -> None:
-    assert cli(["--cohort", "LUAD", "--omics", str(TABLE), "-o", str(tmp_path)]) == 0
+def test_no_covariates_unless_asked(luad: dict, table: Path, tmp_path: Path) -> None:
+    assert cli(["--cohort", "LUAD", "--omics", str(table), "-o", str(tmp_path)]) == 0
     features = pd.read_parquet(tmp_path / "features.parquet")
     assert not [c for c in features.columns if c.startswith("clin:")]
     assert features.shape == (453, 2812 + 284)
@@ -84,11 +90,11 @@ def test_no_covariates_unless_asked(luad: dict, tmp_path: Path) -> None:
     assert generated.groupby("fold")["patient"].nunique().eq(453).all()
 
 
-def test_shipped_splits_read_back_exactly(luad: dict) -> None:
+def test_shipped_splits_read_back_exactly(luad: dict, splits_dir: Path) -> None:
     splits = luad["splits"]
     assert sorted(splits["fold"].unique()) == [0, 1, 2, 3, 4]
     for k in range(5):
-        csv = pd.read_csv(SPLITS / f"splits_{k}.csv")
+        csv = pd.read_csv(splits_dir / f"splits_{k}.csv")
         fold = splits[splits["fold"] == k]
         for role in ("train", "val"):
             assert set(fold.loc[fold["role"] == role, "patient"]) == set(csv[role].dropna())
@@ -115,14 +121,14 @@ def test_fold_fitting_ignores_validation_values(luad: dict) -> None:
                               changed.loc[val, "rna:AAK1"].to_numpy())
 
 
-def test_shipped_luad_config_runs_through_the_workflow(tmp_path: Path) -> None:
+def test_shipped_luad_config_runs_through_the_workflow(table: Path, splits_dir: Path, tmp_path: Path) -> None:
     """workflow/configs/luad_omics.yaml as a user runs it (here the SNN only, one epoch), through to
     the report. Two things once broke this omics-only path: the weight decay of 0.00001 reaches the
     training jobs as JSON ("1e-05"), which stopped every fold with "not of type number"; and with no
     slides folder the report rule passed an empty --slides-dir."""
     repo = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((repo / "workflow" / "configs" / "luad_omics.yaml").read_text())
-    config["cohorts"]["LUAD"] = {"omics": str(TABLE.resolve()), "splits": str(SPLITS.resolve())}
+    config["cohorts"]["LUAD"] = {"omics": str(table.resolve()), "splits": str(splits_dir.resolve())}
     config["models"] = ["snn"]
     config["training"]["epochs"] = 1
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
