@@ -167,7 +167,9 @@ def test_early_stopping_without_a_comparable_pair_keeps_the_epoch_with_the_lowes
                 "l1_omics": 0.0, "epochs": 12, "patience": 12}
     settings = settings_from_config(validate_config({"cohorts": {"X": {"demo": True}}, "training": training}))
     torch.manual_seed(0)
-    history = loop.train_model(SNN(n_omics=5), dataset, np.arange(n_train), np.arange(n_train, n),
+    snn = SNN(n_omics=5, n_bins=4, hidden=settings.training.baseline_hidden,
+              dropout=settings.training.baseline_dropout)
+    history = loop.train_model(snn, dataset, np.arange(n_train), np.arange(n_train, n),
                                settings.training, torch.device("cpu"), 0, 0, None)
     epochs = [h for h in history if "epoch" in h]
     assert all(np.isnan(h["inner_val_c_index"]) for h in epochs)

@@ -44,7 +44,7 @@ class SNN(nn.Module):
     """Self-normalising MLP on the omic vector: ``F -> hidden x n_layers -> n_bins``."""
 
     def __init__(
-        self, *, n_omics: int, n_bins: int = 4, hidden: int = 256, n_layers: int = 2, dropout: float = 0.25
+        self, *, n_omics: int, n_bins: int, hidden: int, dropout: float, n_layers: int = 2
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -83,7 +83,7 @@ class GatedABMIL(nn.Module):
     """Gated attention MIL: ``a_i = w^T (tanh(V h_i) * sigmoid(U h_i))``, softmax over real patches."""
 
     def __init__(
-        self, *, wsi_dim: int, n_bins: int = 4, hidden: int = 256, attn_dim: int = 128, dropout: float = 0.25
+        self, *, wsi_dim: int, n_bins: int, hidden: int, dropout: float, attn_dim: int = 128
     ) -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(wsi_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
@@ -229,9 +229,9 @@ class LateFusion(nn.Module):
         *,
         wsi_dim: int | None,
         n_omics: int | None,
-        n_bins: int = 4,
-        hidden: int = 256,
-        dropout: float = 0.25,
+        n_bins: int,
+        hidden: int,
+        dropout: float,
     ) -> None:
         super().__init__()
         if wsi_dim is None and n_omics is None:
