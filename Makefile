@@ -9,7 +9,7 @@ CORES ?= 2
 .PHONY: run test lint install clean-outputs
 
 # Bytecode: uv does not compile at install, and where PYTHONDONTWRITEBYTECODE is set (as on our
-# build machines) every job would then recompile torch and pandas on import, about 4 s of CPU per
+# build machines) every job would then recompile torch and pandas on import, seconds of CPU per
 # job. Jobs write their bytecode once, under .venv (never into the source tree), and reuse it.
 RUN_ENV := env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
 

@@ -25,7 +25,7 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-# jsonschema without its optional IRI grammars, which cost about 3 s per Snakemake process; and
+# jsonschema without its optional IRI grammars, which cost seconds per Snakemake process; and
 # "1e-4", which Snakemake's YAML reads as text, made a number where the schema wants one.
 sys.path.insert(0, workflow.basedir)
 from healnet.config import check_finite, import_jsonschema, in_schema_order, numbers_from_strings

@@ -38,7 +38,7 @@ def import_jsonschema() -> ModuleType:
     """``jsonschema``, imported without the optional ``rfc3987_syntax`` package.
 
     When that package is installed (here it comes with tiatoolbox's Jupyter dependencies),
-    importing jsonschema builds its IRI grammars, about 3 s of CPU in every process that reads a
+    importing jsonschema builds its IRI grammars, seconds of CPU in every process that reads a
     config, every training job included. Our schema checks no IRI formats, so that one optional
     import is declined while jsonschema loads and allowed again afterwards. The Snakefile calls
     this before Snakemake's own ``validate``, as every Snakemake process (each cluster job re-reads

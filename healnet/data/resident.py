@@ -24,8 +24,8 @@ class ResidentBags:
     on a GPU, RAM on CPU): ``training.bags_on_device``.
 
     A training batch is then cut from that memory instead of being read, padded and handed through
-    shared and pinned memory at every epoch; on an H200 that hand-over capped HEALNet at about
-    150-170 patients/s however many readers decoded the stores. :meth:`collate` draws the same
+    shared and pinned memory at every epoch; on a fast GPU that hand-over, not the model, bounds
+    training however many readers decode the stores. :meth:`collate` draws the same
     patches (:func:`patch_pick`) and pads them as :func:`collate_bags` does, so a model learns the
     same numbers either way.
     """

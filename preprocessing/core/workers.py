@@ -1,9 +1,8 @@
 """How many reader processes a job starts: the ``workers: auto`` rule that extraction and training share.
 
-On a GPU, reading bounds both steps: one process reads 50-80 patches/s from a slide (the encoder
-takes thousands) or 20-40 bags of 4,096 x 1,280 features per second (an H200 trained 81 patients/s).
-So ``auto`` gives a GPU job all of its threads but one, which feeds the GPU. On CPU the model needs
-the cores itself, and ``auto`` gives one reader.
+On a GPU, reading bounds both steps: one reader process decodes patches or feature bags far more
+slowly than the GPU consumes them. So ``auto`` gives a GPU job all of its threads but one, which
+feeds the GPU. On CPU the model needs the cores itself, and ``auto`` gives one reader.
 """
 
 from __future__ import annotations

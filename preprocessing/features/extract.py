@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--out", type=Path, required=True, help="output store, e.g. features/X.zarr")
     add_encoder_arguments(parser)
     parser.add_argument("--encoder-file", type=Path,
-                        help="the encoder frozen by `healnet encoder` (saves 4-8 s per slide job)")
+                        help="the encoder frozen by `healnet encoder` (saves seconds per slide job)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=list(DEVICES))
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"],

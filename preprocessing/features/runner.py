@@ -20,7 +20,6 @@ def usable_cores() -> int:
 
 
 #: patches per forward pass on CPU: larger batches fall out of the CPU caches and run slower
-#: (EfficientNet-Lite0 on 2 cores: 55 patches/s at 16 per pass, 48 at 64)
 CPU_MICRO_BATCH = 16
 
 
@@ -31,8 +30,8 @@ class FeatureRunner:
     (:func:`preprocessing.features.encoder_file.freeze_model`, unless it comes frozen from an encoder
     file); on CUDA autocast (bf16 where supported, else fp16) and non-blocking copies from pinned memory.
     ``pad_to`` pads shorter batches with blank patches (dropped from the output), so that the model
-    sees a single batch shape: on an H200 each new shape cost 2-3.5 s of one-off set-up in every
-    process, and a slide's short first and last batches paid it twice more.
+    sees a single batch shape: each new shape costs seconds of one-off set-up in every process,
+    and a slide's short first and last batches would pay it twice more.
     """
 
     def __init__(self, encoder: Encoder, device: torch.device, freeze: bool = True,
@@ -46,12 +45,12 @@ class FeatureRunner:
         self.amp_dtype: torch.dtype | None = None
         self.frozen = False
         if device.type == "cuda":
-            # No cuDNN autotuning: reading bounds extraction (the GPU runs ~20x faster than the
-            # readers), and autotuning the first batch of a fresh process took 9.7 s on an H200.
+            # No cuDNN autotuning: reading bounds extraction (the GPU runs far faster than the
+            # readers), and autotuning the first batch costs every fresh process seconds.
             torch.backends.cudnn.benchmark = False
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         elif freeze:
-            # Frozen (batch norm folded) and optimised for this CPU: 2-3x faster than eager mode.
+            # Frozen (batch norm folded) and optimised for this CPU: several times faster than eager mode.
             frozen = (self.model if isinstance(self.model, torch.jit.ScriptModule)
                       else freeze_model(self.model, encoder.input_size))
             if frozen is not None:
@@ -79,8 +78,7 @@ class FeatureRunner:
         """Run one blank batch of the padded shape, so that the one-off set-up is done before real
         batches come (nothing to do without ``pad_to``, which extraction sets on a GPU only).
 
-        Called while the reader processes fill their first batches, which hides its cost (3-4 s on
-        an H200).
+        Called while the reader processes fill their first batches, which hides its cost.
         """
         if self.pad_to is None:
             return

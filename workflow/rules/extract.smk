@@ -2,7 +2,7 @@
 
 
 # The encoder built once (weights loaded, traced, frozen): each extraction job, CPU or GPU, then loads
-# it in a fraction of a second instead of spending 4-8 s importing timm and tracing. Kept, not temporary:
+# it in a fraction of a second instead of seconds importing timm and tracing. Kept, not temporary:
 # Snakemake reruns every job whose input another job rewrites (ancient() does not stop that), so a
 # remade encoder file would send every finished store of the cohort back to extraction whenever one
 # slide needed extracting (a slide added, a lost store). Stores follow the encoder itself: its name
