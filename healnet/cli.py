@@ -19,6 +19,8 @@ from preprocessing.core.errors import InputError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("preprocessing.demo.cohort", "write a synthetic TCGA-like demo cohort (slides and omic tables)"),
     "tile": ("preprocessing.tiling.tile", "tissue mask, MPP-aware patch grid and QC picture of a slide"),
+    "encoders": ("preprocessing.features.registry",
+                 "list the patch encoders: width, input size, µm/px, normalisation, weights, licence"),
     "encoder": ("preprocessing.features.encoder_file",
                 "build an encoder once, frozen, for the extraction jobs"),
     "extract": ("preprocessing.features.extract", "patch embeddings of one slide into a Zarr store"),

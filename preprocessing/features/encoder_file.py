@@ -88,7 +88,8 @@ def load_frozen_encoder(path: str | Path, device: str | torch.device = "cpu") ->
         return Encoder(name=meta["encoder"], model=model, feature_dim=int(meta["feature_dim"]),
                        input_size=(int(height), int(width)), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
                        interpolation=meta["interpolation"], weights_source=meta["weights"],
-                       weights_sha256=meta["weights_sha256"], weights_given=bool(meta["weights_given"]))
+                       weights_sha256=meta["weights_sha256"], weights_given=bool(meta["weights_given"]),
+                       model_id=meta.get("model_id"))
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
         reason = (str(err).splitlines() or [""])[0].split(". ")[0][:200]
         raise InputError(path, f"not a frozen encoder file ({type(err).__name__}: {reason})") from err

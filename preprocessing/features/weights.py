@@ -69,13 +69,19 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path,
-                     drop_prefixes: tuple[str, ...] = ()) -> None:
+                     drop_prefixes: tuple[str, ...] = (), names: Mapping[str, str] | None = None,
+                     assign: bool = False) -> None:
     """Load ``state`` into ``model`` by key, strictly: every key present, none extra, same shapes.
 
     Keys under ``drop_prefixes`` (a classifier head, or layers a truncated model leaves out) are
-    ignored when the model has no such key. Mismatches raise :class:`InputError` naming ``source``.
+    ignored when the model has no such key. ``names`` maps the file's key names to the model's where
+    they differ (a published checkpoint's layout against the installed library's); the checks and
+    their messages use the file's names. ``assign`` makes the file's tensors the model's (for a model
+    built on the ``meta`` device). Mismatches raise :class:`InputError` naming ``source``.
     """
-    expected = model.state_dict()
+    own = model.state_dict()
+    names = dict(names) if names is not None else {k: k for k in own}
+    expected = {published: own[key] for published, key in names.items()}
     state = {k: v for k, v in state.items()
              if k in expected or not any(k.startswith(p) for p in drop_prefixes)}
     # BatchNorm's batch counter does nothing in eval mode, and older files (torchvision's ResNet-50,
@@ -93,4 +99,4 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
         if key in state and tuple(state[key].shape) != tuple(tensor.shape):
             raise InputError(source, f"shape mismatch for {key}: file {tuple(state[key].shape)}, "
                                      f"model {tuple(tensor.shape)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({names[k]: v for k, v in state.items()}, strict=True, assign=assign)
