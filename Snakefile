@@ -7,11 +7,11 @@
 #   tile     -> tiles/{cohort}/{slide}.parquet, qc/{cohort}/{slide}.png
 #   encoder  -> features/{cohort}/{encoder}/encoder.pt                  (the encoder, built once)
 #   extract  -> features/{cohort}/{encoder}/{slide}.zarr
-#   omics    -> omics/{cohort}/manifest.parquet, features.parquet, splits.parquet
+#   omics    -> omics/{cohort}/manifest.parquet, features.parquet, splits.parquet, summary.json
 #   train    -> models/{cohort}/{model}/fold{k}.pt, results/{cohort}/{model}/fold{k}/*  (one job per fold)
 #   collect  -> results/{cohort}/{model}/folds.csv, predictions.parquet, log.json   (the folds joined)
 #   evaluate -> results/{cohort}/summary.csv, summary.md, summary.html
-#   report   -> results/{cohort}/figures/*.png, failed_slides.csv
+#   report   -> results/{cohort}/figures/*.png, failed_slides.csv, logrank.csv
 # (config_snapshot writes results/{cohort}/{model}/config.json, the settings a model trains with.)
 # `make run` then builds {outdir}/report.html with `snakemake --report`.
 
