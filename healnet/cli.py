@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "encoder": ("preprocessing.features.encoder_file",
                 "build an encoder once, frozen, for the extraction jobs"),
     "extract": ("preprocessing.features.extract", "patch embeddings of one slide into a Zarr store"),
+    "import-features": ("preprocessing.features.import_features",
+                        "CLAM or TRIDENT patch-feature .h5 files into our feature stores, with provenance"),
     "omics": ("preprocessing.omics.cli", "join clinical and omic tables per patient; folds and manifest"),
     "train": ("healnet.training.cli", "cross-validated training of one model on one cohort"),
     "collect": ("healnet.training.collect", "join per-fold training outputs into one model's results"),
