@@ -21,6 +21,7 @@ STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in ("timm", "frozen"):
                 cmd = [sys.executable, __file__, "--child", variant, "--device", args.device,
                        "--batch-size", str(args.batch_size), "--work", str(work)]
-                done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+                done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                                      env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # as healnet does
                 if done.returncode != 0:
                     print(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
                     return 1

@@ -25,6 +25,10 @@ and the epochs cut their batches there without readers.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `healnet train` sets it before torch loads
+
 import argparse
 import dataclasses
 import resource

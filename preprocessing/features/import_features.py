@@ -34,7 +34,6 @@ imports everything removes the list.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import logging
 import math
@@ -49,6 +48,7 @@ import numpy as np
 from preprocessing.core.atomic import atomic_output, make_parent, remove_path
 from preprocessing.core.errors import InputError, one_line
 from preprocessing.features.store import tiles_fingerprint, write_store
+from preprocessing.features.weights import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +244,6 @@ def check_spacing(path: Path, coords: np.ndarray, stride: float | None) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # one file
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _encoder(fmt: str, src: Source, given: str | None) -> tuple[str | None, str | None]:

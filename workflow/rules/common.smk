@@ -139,6 +139,14 @@ def final_outputs():
     return targets
 
 
+def encoder_mem_mb(wildcards, cnn_mb):
+    """Memory of an encoder or extraction job: ``cnn_mb`` for the CNNs, more for the registry's
+    foundation models, whose weights alone take up to about 4.5 GB in float32 (ViT-giant)."""
+    from preprocessing.features.registry import FOUNDATION
+
+    return 16000 if wildcards.encoder in FOUNDATION else cnn_mb
+
+
 def device_needs_gpu(section):
     return 0 if config[section]["device"] == "cpu" else 1
 

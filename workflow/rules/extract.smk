@@ -22,7 +22,7 @@ rule encoder:
         weights=optional_flag("--weights", config["extract"]["weights"]),
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wc: encoder_mem_mb(wc, 4000),
         runtime=10,
     conda:
         "../../envs/slides.yaml"
@@ -56,7 +56,7 @@ rule extract:
         ),
     threads: config["extract"]["threads"]
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wc: encoder_mem_mb(wc, 8000),
         runtime=120,
         gpu=device_needs_gpu("extract"),
         # run settings (see common.smk): resources, not params, so that changing them re-extracts nothing
