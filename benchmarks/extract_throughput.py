@@ -10,8 +10,8 @@ first slide is a cold start, as in every `healnet extract` job; its ratio is pri
 reader processes, reading and the model overlap in part, so c can exceed that best (c / best above
 1); c / min(a, b), the ceiling if they overlapped fully, is printed beside it.
 
-Slides: two demo slides from data/DEMO/slides when present, else one synthetic demo-like slide
-(written once to benchmarks/out/), and the real ../shared/data/slides/CMU-1-Small-Region.svs when
+Slides: two demo slides from output/data/DEMO/slides when present, else one synthetic demo-like slide
+(written once to output/benchmark-scratch/), and the real ../shared/data/slides/CMU-1-Small-Region.svs when
 present. Tiles come from preprocessing.tiling.tile when importable, else from a plain grid.
 
     .venv/bin/python benchmarks/extract_throughput.py [--max-patches 384] [--workers 1] [--threads 2]
@@ -48,8 +48,8 @@ from preprocessing.features.runner import FeatureRunner, usable_cores
 from preprocessing.tiling.tiles import read_tiles, write_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "out"
-DEMO = ROOT / "data" / "DEMO" / "slides"
+OUT = ROOT / "output" / "benchmark-scratch"
+DEMO = ROOT / "output" / "data" / "DEMO" / "slides"
 REAL = ROOT / ".." / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 SYNTHETIC = OUT / "extract_synthetic.svs"
 

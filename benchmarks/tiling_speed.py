@@ -1,7 +1,7 @@
 """Tiling speed: a pyramidal 100,000 x 80,000 px 40x slide must tile in at most 2 s on one core.
 
 Makes the slide once with :mod:`preprocessing.demo.svs_writer` (tissue-like blobs, one flat colour per
-region, lumina, a blue and a green pen mark; cached as benchmarks/out/tiling_100k.svs, which takes a
+region, lumina, a blue and a green pen mark; cached as output/benchmark-scratch/tiling_100k.svs, which takes a
 few minutes to write), then times :func:`preprocessing.tiling.tile.tile_slide` on one CPU core (QC picture
 included, output writing timed separately) and prints the patch count. Also times the real slide in
 ../shared/data when present.
@@ -28,7 +28,7 @@ from preprocessing.tiling.tile import tile_slide, write_png
 from preprocessing.tiling.tiles import write_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "out"
+OUT = ROOT / "output" / "benchmark-scratch"
 SLIDE = OUT / "tiling_100k.svs"
 REAL = ROOT / ".." / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 WIDTH, HEIGHT = 100_000, 80_000

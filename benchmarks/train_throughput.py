@@ -4,7 +4,7 @@ Two cohorts:
 
 - the demo cohort, when ``omics/DEMO`` and ``features/DEMO/{encoder}`` exist (else skipped, said so);
 - a synthetic cohort (default 400 patients x 4096 patches x 1280 float16 features, about 4 GB), written
-  once into ``benchmarks/out/train_synthetic/`` as Zarr stores in the layout ``healnet extract``
+  once into ``output/benchmark-scratch/train_synthetic/`` as Zarr stores in the layout ``healnet extract``
   writes, plus an omics folder (random omics, survival times).
 
 Two epochs run through the real harness (:func:`healnet.training.loop.train_model`: DataLoader worker(s)
@@ -56,7 +56,7 @@ from preprocessing.core.devices import resolve_device
 from preprocessing.core.workers import resolve_workers, workers_argument
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "out" / "train_synthetic"
+OUT = ROOT / "output" / "benchmark-scratch" / "train_synthetic"
 
 
 def write_synthetic(root: Path, patients: int, patches: int, dim: int, seed: int = 0) -> tuple[Path, Path]:
@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         f"patches/bag, bags_on_device {settings.run.bags_on_device}"
     )
     if not args.skip_demo:
-        omics_dir = ROOT / "omics" / "DEMO"
-        features_dir = ROOT / "features" / "DEMO" / config["extract"]["encoder"]
+        omics_dir = ROOT / "output" / "omics" / "DEMO"
+        features_dir = ROOT / "output" / "features" / "DEMO" / config["extract"]["encoder"]
         if (omics_dir / "manifest.parquet").is_file() and features_dir.is_dir():
             report("demo", two_epochs(omics_dir, features_dir, settings, args.model, device, workers,
                                       args.feature_cache))
