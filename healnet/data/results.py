@@ -44,6 +44,12 @@ def write_results(results_dir: Path, metrics: pd.DataFrame, predictions: pd.Data
         tmp.write_text(json.dumps(log, indent=1, default=float))
 
 
+def c_index_summary(metrics: pd.DataFrame) -> str:
+    """``c-index mean ± std over N fold(s)`` of a ``folds.csv`` table's full-setting c-indices."""
+    full = metrics[(metrics["setting"] == "full") & (metrics["metric"] == "c_index")]["value"]
+    return f"c-index {full.mean():.4f} ± {full.std(ddof=0):.4f} over {len(full)} fold(s)"
+
+
 def check_folds_table(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     """``frame`` (a ``folds.csv``) if it has the columns, whole fold numbers and numeric values (NaN
     allowed: a metric a fold cannot define); otherwise an InputError naming ``path``."""

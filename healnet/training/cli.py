@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from healnet.config import BAGS_ON_DEVICE_WORDS
+from healnet.data.results import c_index_summary
 from healnet.modalities import MODEL_MODALITIES
 from healnet.settings import RunSettings, load_settings
 from healnet.training.collect import parse_folds
@@ -115,7 +116,5 @@ def cli(argv: list[str] | None = None) -> int:
         parse_folds(args.folds),
         args.threads,
     )
-    full = table[(table["setting"] == "full") & (table["metric"] == "c_index")]["value"]
-    summary = f"c-index {full.mean():.4f} ± {full.std(ddof=0):.4f} over {len(full)} fold(s)"
-    print(f"{args.cohort} {args.model}: {summary}")
+    print(f"{args.cohort} {args.model}: {c_index_summary(table)}")
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from healnet.data.results import read_fold_results, write_results
+from healnet.data.results import c_index_summary, read_fold_results, write_results
 from preprocessing.core.errors import InputError
 
 
@@ -81,6 +81,5 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", required=True, help="comma-separated fold numbers")
     args = parser.parse_args(argv)
     metrics = collect_folds(args.results_dir, parse_folds(args.folds) or [])
-    full = metrics[(metrics["setting"] == "full") & (metrics["metric"] == "c_index")]["value"]
-    print(f"{args.results_dir}: c-index {full.mean():.4f} ± {full.std(ddof=0):.4f} over {len(full)} fold(s)")
+    print(f"{args.results_dir}: {c_index_summary(metrics)}")
     return 0

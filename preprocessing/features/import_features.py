@@ -49,6 +49,7 @@ from preprocessing.core.atomic import atomic_output, make_parent, remove_path
 from preprocessing.core.errors import InputError, one_line
 from preprocessing.features.store import tiles_fingerprint, write_store
 from preprocessing.features.weights import sha256_file
+from preprocessing.tiling.tiles import invalid_positions
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +89,17 @@ class SlideInfo:
 # reading a file
 
 
-def plain(value: Any) -> Any:
+def attribute_json(value: Any) -> Any:
     """An HDF5 attribute value as JSON: numbers and text as such, arrays as lists, TRIDENT's text
     ``None`` as None, a non-finite float as its text."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     if isinstance(value, np.ndarray):
-        return [plain(v) for v in value.tolist()]
+        return [attribute_json(v) for v in value.tolist()]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
+        return [attribute_json(v) for v in value]
     if isinstance(value, str):
         return None if value == "None" else value
     if isinstance(value, float) and not math.isfinite(value):
@@ -127,7 +128,7 @@ def read_source(path: Path) -> Source:
                                        f"'features' N x D and 'coords' N x 2; it has "
                                        f"{sorted(handle.keys()) or 'nothing'})")
             try:
-                arrays[name] = (node[()], {k: plain(v) for k, v in node.attrs.items()})
+                arrays[name] = (node[()], {k: attribute_json(v) for k, v in node.attrs.items()})
             except Exception as err:  # noqa: BLE001 - a dataset that does not decode
                 raise InputError(path, f"cannot read dataset '{name}' ({one_line(err)})") from None
     (features, feature_attrs), (coords, coords_attrs) = arrays["features"], arrays["coords"]
@@ -155,7 +156,7 @@ def check_arrays(src: Source) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(path, f"{int(bad.sum())} feature row(s) hold NaN or infinity "
                                f"(first: row {int(np.flatnonzero(bad)[0])})")
     xy = coords.astype(np.float64)
-    bad = ~np.isfinite(xy).all(axis=1) | (xy < 0).any(axis=1) | (xy != np.round(xy)).any(axis=1)
+    bad = invalid_positions(xy)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise InputError(path, f"{int(bad.sum())} coords row(s) are not whole, non-negative level-0 "

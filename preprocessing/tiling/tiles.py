@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,3 +38,9 @@ def read_tiles(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     table = pq.read_table(path)
     meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
     return table.to_pandas(), meta
+
+
+def invalid_positions(xy: np.ndarray) -> np.ndarray:
+    """Rows of an N x 2 array of patch corners that are not whole, finite, non-negative level-0 pixels."""
+    xy = np.asarray(xy, dtype=float)
+    return ~np.isfinite(xy).all(axis=1) | (xy < 0).any(axis=1) | (xy != np.round(xy)).any(axis=1)
