@@ -4,15 +4,16 @@
 # `outdir` (default output/); its log is {outdir}/logs/{rule}/... and its benchmark
 # {outdir}/benchmarks/{rule}/... Data flow (one rule per arrow; paths under outdir):
 #   demo     -> data/{cohort}/slides/*.svs, data/{cohort}/omics/*      (cohorts with demo: true)
-#   tile     -> tiles/{cohort}/{slide}.parquet, qc/{cohort}/{slide}.png
+#   tile     -> tiles/{cohort}/{geometry}/{slide}.parquet, qc/...    (geometry: 224px_0.5mpp, the encoder's)
 #   encoder  -> features/{cohort}/{encoder}/encoder.pt                  (the encoder, built once)
 #   extract  -> features/{cohort}/{encoder}/{slide}.zarr
 #   omics    -> omics/{cohort}/manifest.parquet, features.parquet, splits.parquet, summary.json
-#   train    -> models/{cohort}/{model}/fold{k}.pt, results/{cohort}/{model}/fold{k}/*  (one job per fold)
-#   collect  -> results/{cohort}/{model}/folds.csv, predictions.parquet, log.json   (the folds joined)
+#   train    -> models/{cohort}/{run}/fold{k}.pt, results/{cohort}/{run}/fold{k}/*  (one job per fold)
+#   collect  -> results/{cohort}/{run}/folds.csv, predictions.parquet, log.json   (the folds joined)
 #   evaluate -> results/{cohort}/summary.csv, summary.md, summary.html
 #   report   -> results/{cohort}/figures/*.png, failed_slides.csv, logrank.csv
-# (config_snapshot writes results/{cohort}/{model}/config.json, the settings a model trains with.)
+# A run is {encoder}/{model}: a model on one encoder's features (`none` for models that read no
+# slides). config_snapshot writes results/{cohort}/{run}/config.json, the settings it trains with.
 # `make run` then builds {outdir}/report.html with `snakemake --report`.
 
 import sys
@@ -49,6 +50,7 @@ wildcard_constraints:
     model=r"[a-z_]+",
     fold=r"\d+",
     encoder=r"[A-Za-z0-9_.\-]+",
+    geometry=r"\d+px_\d+(\.\d+)?mpp",
 
 
 include: "workflow/rules/demo.smk"

@@ -10,7 +10,7 @@ from each modality, not only combine them better. The equal-weight mix, a choice
 is printed too: an honest late fusion that needs no tuning. HEALNet's own margin is printed alongside when
 its predictions are there.
 
-    .venv/bin/python benchmarks/fusion_ceiling.py results/COHORT [results/OTHER ...]
+    .venv/bin/python benchmarks/fusion_ceiling.py results/COHORT [results/OTHER ...] [--encoder NAME]
 """
 
 from __future__ import annotations
@@ -22,12 +22,17 @@ import numpy as np
 import pandas as pd
 from sksurv.metrics import concordance_index_censored
 
+from healnet.data.results import NO_ENCODER
+from healnet.modalities import MODEL_MODALITIES
+
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 11), 1)
 
 
-def held_out(results: Path, model: str) -> pd.DataFrame | None:
-    """One model's held-out predictions in the full setting, indexed by (fold, patient)."""
-    path = results / model / "predictions.parquet"
+def held_out(results: Path, model: str, encoder: str) -> pd.DataFrame | None:
+    """One model's held-out predictions in the full setting, indexed by (fold, patient): the run on
+    ``encoder``'s features for a model that reads slides."""
+    run = results / (encoder if "wsi" in MODEL_MODALITIES[model] else NO_ENCODER) / model
+    path = run / "predictions.parquet"
     if not path.exists():
         return None
     frame = pd.read_parquet(path)
@@ -50,9 +55,9 @@ def standardised(risk: pd.Series) -> pd.Series:
     return (risk - by_fold.transform("mean")) / by_fold.transform("std").replace(0.0, 1.0)
 
 
-def ceiling(results: Path) -> str:
+def ceiling(results: Path, encoder: str) -> str:
     """One line: unimodal c-indices, the best mix and its weight, HEALNet's margin when present."""
-    snn, abmil = held_out(results, "snn"), held_out(results, "abmil")
+    snn, abmil = held_out(results, "snn", encoder), held_out(results, "abmil", encoder)
     if snn is None or abmil is None:
         return f"{results}: needs snn and abmil predictions"
     index = snn.index.intersection(abmil.index)
@@ -64,7 +69,7 @@ def ceiling(results: Path) -> str:
     line = (f"{results}: abmil {scores[0.0]:.3f}  snn {scores[1.0]:.3f}  best mix {scores[best_w]:.3f} "
             f"(w_snn={best_w:.1f}, +{scores[best_w] - best_unimodal:.3f} over the better one; "
             f"w_snn=0.5 fixed in advance: {scores[0.5] - best_unimodal:+.3f})")
-    healnet = held_out(results, "healnet")
+    healnet = held_out(results, "healnet", encoder)
     if healnet is not None:
         healnet = healnet.loc[healnet.index.intersection(index)]
         margin = mean_c_index(healnet, healnet["risk"]) - best_unimodal
@@ -75,8 +80,10 @@ def ceiling(results: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="results/{cohort} folders")
-    for results in parser.parse_args().results:
-        print(ceiling(results), flush=True)
+    parser.add_argument("--encoder", default="efficientnet_lite0", help="the slide models' encoder")
+    args = parser.parse_args()
+    for results in args.results:
+        print(ceiling(results, args.encoder), flush=True)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.metrics import concordance_index_censored
 from sksurv.util import Surv
 
-from healnet.config import load_config
-from healnet.data.results import read_folds
+from healnet.config import configured_encoders, load_config
+from healnet.data.results import NO_ENCODER, find_runs, read_folds, split_run
 from healnet.evaluation.summary import summarise
 from healnet.settings import TrainingSettings, settings_from_config
 from healnet.training.cohort import Cohort, fold_patients, prepare_cohort
@@ -131,12 +131,13 @@ def fold_scores(
     return scores
 
 
-def pipeline_means(results: Path) -> dict[str, float]:
-    """Each trained model's mean c-index over folds in the ``full`` setting, as ``summary.md`` has it
-    (none when no model's ``folds.csv`` is there)."""
-    if not any(results.glob("*/folds.csv")):
+def pipeline_means(results: Path, encoder: str) -> dict[str, float]:
+    """Each model's mean c-index over folds in the ``full`` setting, as ``summary.md`` has it, on
+    ``encoder``'s features for the models that read slides (none when no ``folds.csv`` is there)."""
+    runs = [r for r in find_runs(results, "folds.csv") if split_run(r)[0] in (encoder, NO_ENCODER)]
+    if not runs:
         return {}
-    summary = summarise(read_folds(results, None))
+    summary = summarise(read_folds(results, runs))
     full = summary[summary["setting"] == "full"]
     return dict(zip(full["model"], full["c_index_mean"].astype(float), strict=True))
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     training = settings_from_config(config).training
     if args.omic_max_features is not None:
         training = dataclasses.replace(training, omic_max_features=args.omic_max_features)
-    encoder = config["extract"]["encoder"]
+    encoder = configured_encoders(config["extract"])[0]
     warnings.filterwarnings("ignore", module="sksurv")
     # the cohort's notes speak of training a model
     logging.getLogger("healnet.training.cohort").setLevel(logging.ERROR)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             line += f"  (both - better single {means['both'] - max(means['slides'], means['omics']):+.3f})"
         print(f"{name}: {len(cohort.patients)} patients, {len(folds)} folds; ridge Cox c-index: {line}")
         results = Path(args.results.format(cohort=name)) if args.results else args.root / "results" / name
-        trained = pipeline_means(results)
+        trained = pipeline_means(results, encoder)
         if trained:
             print("  pipeline, full setting: " + "  ".join(f"{m} {v:.3f}" for m, v in trained.items()))
 

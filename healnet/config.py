@@ -162,3 +162,37 @@ def load_config(path: str | Path) -> dict[str, Any]:
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
         raise InputError(path, f"cannot read config: {why}{at}") from err
     return validate_config(config, path)
+
+
+def configured_encoders(extract: dict[str, Any]) -> list[str]:
+    """The encoders a run extracts with: ``extract.encoders``, or ``[extract.encoder]`` when unset."""
+    return list(extract.get("encoders") or [extract["encoder"]])
+
+
+def encoder_weights(extract: dict[str, Any], encoder: str) -> str | None:
+    """The weights file or folder ``extract.weights`` gives ``encoder`` (None: its default source).
+
+    One path serves a run with one encoder; with several, ``weights`` must map encoder names to paths
+    (a single path would be loaded into every architecture). ValueError otherwise.
+    """
+    weights = extract["weights"]
+    if isinstance(weights, dict):
+        unknown = sorted(set(weights) - set(configured_encoders(extract)))
+        if unknown:
+            raise ValueError(f"config key extract.weights names {', '.join(unknown)}, "
+                             "which extract.encoders does not list")
+        return weights.get(encoder)
+    if weights and len(configured_encoders(extract)) > 1:
+        raise ValueError("config key extract.weights: one file for several encoders; give a map "
+                         "{encoder: file}, e.g. {uni: /models/uni}")
+    return weights or None
+
+
+def tiles_geometry(config: dict[str, Any], encoder: str) -> str:
+    """The tiles folder name (e.g. ``224px_0.5mpp``) of ``encoder``'s patch grid: its registry geometry,
+    with ``tiling.patch_size`` / ``tiling.target_mpp`` replacing each part the config sets."""
+    from preprocessing.features.registry import patch_geometry
+    from preprocessing.tiling.tiles import geometry_name
+
+    tiling = config["tiling"]
+    return geometry_name(*patch_geometry(encoder, tiling["patch_size"], tiling["target_mpp"]))

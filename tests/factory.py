@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection, Mapping
+import shutil
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,24 @@ def train(cohort: Cohort, config: Path, model: str, out: Path, *extra: str, work
                                results=results))
     finally:
         torch.set_num_threads(threads)
+
+
+#: the encoder folder the workflow's layout gives a planted cohort's features (see :func:`as_runs`)
+PLANTED_ENCODER = "planted"
+
+
+def as_runs(out: Path, dest: Path, models: Sequence[str]) -> Path:
+    """Copy ``out/results/<model>`` and ``out/models/<model>`` (as :func:`train` writes them) into the
+    workflow's layout, ``dest/{results,models}/{encoder}/{model}``: ``none`` for a model that reads no
+    slides, else :data:`PLANTED_ENCODER`. Returns ``dest``."""
+    from healnet.data.results import NO_ENCODER, run_name
+    from healnet.modalities import MODEL_MODALITIES
+
+    for model in models:
+        encoder = PLANTED_ENCODER if "wsi" in MODEL_MODALITIES[model] else NO_ENCODER
+        for kind in ("results", "models"):
+            shutil.copytree(out / kind / model, dest / kind / run_name(encoder, model), dirs_exist_ok=True)
+    return dest
 
 
 # ------------------------------------------------------------------ the training tests' cohort

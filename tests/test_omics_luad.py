@@ -134,9 +134,9 @@ def test_shipped_luad_config_runs_through_the_workflow(table: Path, splits_dir: 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = snakemake(tmp_path, "--cores", "2")
     assert run.returncode == 0, run.stderr[-3000:]
-    snapshot = json.loads((tmp_path / "output" / "results" / "LUAD" / "snn" / "config.json").read_text())
+    snapshot = json.loads((tmp_path / "output/results/LUAD/none/snn/config.json").read_text())
     assert snapshot["training"]["weight_decay"] == 1e-05
-    folds = pd.read_csv(tmp_path / "output" / "results" / "LUAD" / "snn" / "folds.csv")
+    folds = pd.read_csv(tmp_path / "output/results/LUAD/none/snn/folds.csv")
     c_index = folds[(folds["setting"] == "full") & (folds["metric"] == "c_index")]
     assert c_index["fold"].tolist() == [0, 1, 2, 3, 4]
     assert c_index["value"].between(0.0, 1.0, inclusive="neither").all()

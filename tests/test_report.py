@@ -4,12 +4,13 @@ patients only, and one attention panel per chosen patient."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from factory import shared_cohort, shared_run, write_feature_store
+from factory import as_runs, shared_cohort, shared_run, write_feature_store
 from helpers import raises_one_line_error
 
 from healnet.report import attention as explain
@@ -26,20 +27,28 @@ def test_the_report_draws_only_the_models_it_is_given(
 
     cohort, _ = shared_cohort(tmp_path_factory)
     shared_run(tmp_path_factory, "snn")
-    healnet_run = shared_run(tmp_path_factory, "healnet")
+    healnet_run = as_runs(shared_run(tmp_path_factory, "healnet"), tmp_path / "runs", ["healnet", "snn"])
     results = healnet_run / "results"
     attention_from: list[Path | None] = []
     monkeypatch.setattr(explain, "draw_attention_figures",
                         lambda models_dir, **kwargs: attention_from.append(models_dir))
     args = ["--cohort", "TINY", "--results-dir", str(results), "--omics-dir", str(cohort.omics_dir),
-            "--models-dir", str(healnet_run / "models"), "--features-dir", str(cohort.features_dir),
+            "--models-dir", str(healnet_run / "models"), "--encoder", "planted",
+            "--features-dir", str(cohort.features_dir),
             "--tiles-dir", str(tmp_path / "tiles"), "-o", str(tmp_path / "figures")]
-    assert report.cli([*args, "--models", "snn"]) == 0
+    assert report.cli([*args, "--runs", "none/snn"]) == 0
     assert set(pd.read_csv(results / "logrank.csv")["model"]) == {"snn"}
     assert attention_from == [None]
-    assert report.cli(args) == 0  # no --models: every model with results
+    assert report.cli(args) == 0  # no --runs: every model with results
     assert set(pd.read_csv(results / "logrank.csv")["model"]) == {"healnet", "snn"}
-    assert attention_from[-1] == healnet_run / "models" / "healnet"
+    assert attention_from[-1] == healnet_run / "models" / "planted" / "healnet"
+    # HEALNet on a second encoder's features: the panels name the encoder; the attention drawn is
+    # that of the encoder given
+    shutil.copytree(results / "planted" / "healnet", results / "other" / "healnet")
+    assert report.cli(args) == 0
+    drawn = set(pd.read_csv(results / "logrank.csv")["model"])
+    assert drawn == {"healnet (planted)", "healnet (other)", "snn"}
+    assert attention_from[-1] == healnet_run / "models" / "planted" / "healnet"
 
 
 def test_failed_slides_lists_a_slide_whose_extraction_was_recorded_as_failed(tmp_path: Path) -> None:
@@ -72,11 +81,11 @@ def test_failed_slides_lists_a_slide_whose_extraction_was_recorded_as_failed(tmp
 def test_the_report_names_an_unreadable_predictions_file(tmp_path: Path) -> None:
     from healnet.report.figures import load_predictions
 
-    (tmp_path / "snn").mkdir()
-    (tmp_path / "snn" / "predictions.parquet").write_bytes(b"PAR1 cut short")
+    (tmp_path / "none" / "snn").mkdir(parents=True)
+    (tmp_path / "none" / "snn" / "predictions.parquet").write_bytes(b"PAR1 cut short")
     with raises_one_line_error(match=r"snn/predictions.parquet: cannot read predictions \(.*retrain",
-                               source=tmp_path / "snn" / "predictions.parquet"):
-        load_predictions(tmp_path, ["snn"])
+                               source=tmp_path / "none" / "snn" / "predictions.parquet"):
+        load_predictions(tmp_path, ["none/snn"])
 
 
 def test_kaplan_meier_groups_hold_only_patients_the_model_scored(tmp_path: Path) -> None:

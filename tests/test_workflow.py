@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -53,9 +54,9 @@ def test_whole_dag_runs_and_second_run_does_nothing(tiny_run: Path) -> None:
         assert (out / "results/TINY/figures" / fig).stat().st_size > 5000
     # the models are trained with the configured number of time bins (the omics step's), and a model
     # not built from the healnet section is not given it (a change there does not retrain it)
-    snn = torch.load(out / "models/TINY/snn/fold0.pt", weights_only=True)
+    snn = torch.load(out / "models/TINY/none/snn/fold0.pt", weights_only=True)
     assert snn["time_bins"]["n_bins"] == 3 and len(snn["time_bins"]["edges"]) == 4
-    assert "healnet" not in json.loads((out / "results/TINY/snn/config.json").read_text())
+    assert "healnet" not in json.loads((out / "results/TINY/none/snn/config.json").read_text())
     again = snakemake(tiny_run, "--cores", "2")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -70,8 +71,8 @@ def test_every_file_the_run_writes_is_under_outdir(tiny_run: Path) -> None:
     assert made <= {p.name for p in out.iterdir()} <= made | {"report.html"}
     assert {p.name for p in (out / "logs").iterdir()} == RULES
     assert {p.name for p in (out / "benchmarks").iterdir()} == RULES
-    assert (out / "logs/collect/TINY/healnet.log").is_file()
-    assert (out / "benchmarks/train/TINY/healnet/fold0.tsv").is_file()
+    assert (out / "logs/collect/TINY/efficientnet_lite0/healnet.log").is_file()
+    assert (out / "benchmarks/train/TINY/efficientnet_lite0/healnet/fold0.tsv").is_file()
 
 
 def test_a_rule_its_log_its_benchmark_and_its_command_share_one_name(tmp_path: Path) -> None:
@@ -100,11 +101,12 @@ def test_a_rule_its_log_its_benchmark_and_its_command_share_one_name(tmp_path: P
 
 def failed_fold(model: str, fold: int) -> list[str]:
     """What a failed fold job leaves missing: its outputs (Snakemake removes them) and what follows."""
+    run = f"{'none' if model == 'snn' else 'efficientnet_lite0'}/{model}"
     return [
-        f"{OUT}/models/TINY/{model}/fold{fold}.pt",
-        f"{OUT}/results/TINY/{model}/fold{fold}",
-        f"{OUT}/results/TINY/{model}/folds.csv",
-        f"{OUT}/results/TINY/{model}/predictions.parquet",
+        f"{OUT}/models/TINY/{run}/fold{fold}.pt",
+        f"{OUT}/results/TINY/{run}/fold{fold}",
+        f"{OUT}/results/TINY/{run}/folds.csv",
+        f"{OUT}/results/TINY/{run}/predictions.parquet",
         f"{OUT}/results/TINY/summary.csv",
     ]
 
@@ -128,7 +130,7 @@ def test_an_interrupted_run_retrains_only_the_missing_fold(tiny_run: Path) -> No
     dry = dry_run_without(tiny_run, failed_fold("healnet", 1))
     jobs = job_counts(dry.stdout)
     assert jobs["train"] == "1" and jobs["collect"] == "1"
-    assert "wildcards: cohort=TINY, model=healnet, fold=1" in dry.stdout
+    assert "wildcards: cohort=TINY, encoder=efficientnet_lite0, model=healnet, fold=1" in dry.stdout
     assert set(jobs) - {"total"} == {"train", "collect", "evaluate", "report", "all"}
     # the same fold killed when an earlier run had finished: that run's joined results are still on
     # disk and must not pass for current (Snakemake does not remake a missing input by itself)
@@ -210,6 +212,38 @@ def test_corrupt_slide_is_listed_and_its_patient_has_no_slide(tiny_run: Path) ->
     slide = bad["slide"].iloc[0]
     row = manifest[manifest["patient"] == slide[:12]]
     assert all(slide not in list(s) for s in row["slides"])
+
+
+def test_a_second_encoder_shares_the_tiles_and_joins_the_summary(tiny_run: Path, tmp_path: Path) -> None:
+    """`extract.encoders: [a, b]` extracts b beside a, trains the slide models on each, keeps one
+    training of the models that read no slides, and evaluates all in one table (model x encoder x
+    setting); b's geometry is a's (256 px at 0.5 um/px), so no slide is tiled again. Taking b out
+    again reruns no tiling, extraction or training: only the summary and the figures are redone."""
+    import timm
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run", symlinks=True))
+    weights = tmp_path / "resnet50.pth"  # in the layout of timm's resnet50 checkpoint
+    torch.save(timm.create_model("resnet50", pretrained=False).state_dict(), weights)
+    config = copy.deepcopy(TINY) | {"models": ["snn", "abmil"]}
+    two = {"encoders": ["efficientnet_lite0", "resnet50_trunc"], "weights": {"resnet50_trunc": str(weights)}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config | {"extract": two}))
+    ran = snakemake(run, "--cores", "2")
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    jobs = job_counts(ran.stdout + ran.stderr)
+    slides = len(list((run / OUT / "features/TINY/efficientnet_lite0").glob("*.zarr")))
+    assert "tile" not in jobs and jobs["extract"] == str(slides) and jobs["train"] == "3", jobs
+    summary = pd.read_csv(run / OUT / "results/TINY/summary.csv")
+    full = summary[summary["setting"] == "full"]
+    assert sorted(zip(full["model"], full["encoder"], strict=True)) == [
+        ("abmil", "efficientnet_lite0"), ("abmil", "resnet50_trunc"), ("snn", "none")]
+    assert "| abmil | resnet50_trunc | full |" in (run / OUT / "results/TINY/summary.md").read_text()
+    assert (run / OUT / "features/TINY/resnet50_trunc/encoder.pt").is_file()
+
+    one = {"encoders": ["efficientnet_lite0"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(config | {"extract": one}))
+    dry = snakemake(run, "-n", "--cores", "2")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert set(job_counts(dry.stdout)) - {"total"} <= {"evaluate", "report", "all"}
 
 
 def test_snakemake_report_collects_tables_and_figures(tiny_run: Path) -> None:
@@ -329,7 +363,7 @@ def test_jobs_get_the_configured_models_error_mode_and_files(tmp_path: Path) -> 
     assert dry.returncode == 0, dry.stderr[-3000:]
     lines = dry.stdout.splitlines()
     report_command = [line for line in lines if " report --cohort LUAD" in line]
-    assert len(report_command) == 1 and " --models snn,healnet " in report_command[0]
+    assert len(report_command) == 1 and " --runs none/snn,efficientnet_lite0/healnet " in report_command[0]
     extract_command = [line for line in lines if " extract " in line and "--encoder-file" in line]
     assert len(extract_command) == 1 and "--on-slide-error record" in extract_command[0]
     inputs = [line for line in lines if line.strip().startswith("input:")]

@@ -2,7 +2,8 @@
 
 ``healnet train`` writes them for the folds it trains, ``healnet collect`` joins the per-fold ones,
 ``healnet evaluate`` and ``healnet report`` read them. This module is the one place their columns
-are named and they are written and read.
+are named and they are written and read. Each run (a model trained on one encoder's features) has
+its own folder, ``{encoder}/{model}`` (:func:`run_name`).
 
 - ``folds.csv``: one row per fold x setting x metric (:data:`FOLD_COLUMNS`).
 - ``predictions.parquet``: one row per held-out patient x fold x setting (:data:`PREDICTION_COLUMNS`).
@@ -30,6 +31,10 @@ REQUIRED_FOLD_COLUMNS = ("model", "fold", "setting", "metric", "value")
 PREDICTION_COLUMNS = ("patient", "fold", "setting", "risk", "time", "event", "train_median_risk", "imputed")
 REQUIRED_PREDICTION_COLUMNS = PREDICTION_COLUMNS[:-1]
 RESULT_FILES = ("folds.csv", "predictions.parquet", "log.json")
+# Results and checkpoints lie in one folder per run, results/{cohort}/{encoder}/{model}/ (and
+# models/{cohort}/{encoder}/{model}/): the encoder whose feature stores the model read, or this
+# word for a model that reads no slides.
+NO_ENCODER = "none"
 
 
 def write_results(results_dir: Path, metrics: pd.DataFrame, predictions: pd.DataFrame,
@@ -71,24 +76,44 @@ def check_folds_table(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     return frame
 
 
-def read_folds(results_dir: Path, models: list[str] | None) -> pd.DataFrame:
-    """All ``folds.csv`` tables of a cohort (the given models, or every subfolder that has one)."""
+def run_name(encoder: str, model: str) -> str:
+    """A run's folder under ``results/{cohort}`` (and ``models/{cohort}``): ``{encoder}/{model}``."""
+    return f"{encoder}/{model}"
+
+
+def split_run(run: str) -> tuple[str, str]:
+    """(encoder, model) of a run folder name ``{encoder}/{model}``; ValueError for other text."""
+    parts = run.strip("/").split("/")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"a run is {{encoder}}/{{model}}, e.g. {NO_ENCODER}/snn: {run!r}")
+    return parts[0], parts[1]
+
+
+def find_runs(results_dir: Path, file_name: str) -> list[str]:
+    """Every ``{encoder}/{model}`` folder of ``results_dir`` that holds ``file_name``, sorted."""
+    return sorted(run_name(p.parent.parent.name, p.parent.name) for p in results_dir.glob(f"*/*/{file_name}"))
+
+
+def read_folds(results_dir: Path, runs: list[str] | None) -> pd.DataFrame:
+    """All ``folds.csv`` tables of a cohort (the given ``{encoder}/{model}`` runs, or every one found),
+    with the columns ``model`` and ``encoder`` set from the run's folder."""
     if not results_dir.is_dir():
         raise InputError(results_dir, "results folder does not exist")
-    if models is None:
-        models = sorted(p.parent.name for p in results_dir.glob("*/folds.csv"))
-        if not models:
-            raise InputError(results_dir, "no {model}/folds.csv found")
+    if runs is None:
+        runs = find_runs(results_dir, "folds.csv")
+        if not runs:
+            raise InputError(results_dir, "no {encoder}/{model}/folds.csv found")
     frames = []
-    for model in models:
-        path = results_dir / model / "folds.csv"
+    for run in runs:
+        encoder, model = split_run(run)
+        path = results_dir / run / "folds.csv"
         if not path.is_file():
-            raise InputError(path, f"missing: train model {model} first")
+            raise InputError(path, f"missing: train model {model} on {encoder} features first")
         try:
             frame = pd.read_csv(path)
         except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
             raise InputError(path, f"cannot read CSV: {err}") from err
-        frames.append(check_folds_table(frame, path).assign(model=model))
+        frames.append(check_folds_table(frame, path).assign(model=model, encoder=encoder))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -1,11 +1,12 @@
 """Per-cohort summary of every trained model: ``healnet evaluate``.
 
-Reads ``RESULTS_DIR/{model}/folds.csv`` and writes one row per model x setting with the mean, standard
+Reads ``RESULTS_DIR/{encoder}/{model}/folds.csv`` and writes one row per model x encoder x setting
+(the encoder whose features the model read; ``none`` for models that read no slides) with the mean, standard
 deviation (population, ddof = 0, over folds, NaN folds left out) and per-fold values of each metric,
 as CSV, as a Markdown table (mean ± std) and as a small self-contained HTML page with the same table
 (the Snakemake report shows HTML in the page; a CSV is only offered as a download), all written
 atomically. The Markdown and HTML also give each multimodal model's fold-paired c-index difference
-from each unimodal model, the comparison that says whether fusion helped.
+from each unimodal model on the same encoder's features, the comparison that says whether fusion helped.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from healnet.data.results import read_folds
+from healnet.data.results import NO_ENCODER, read_folds
 from healnet.evaluation.metrics import METRICS
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
 from preprocessing.core.atomic import atomic_output
@@ -26,11 +27,11 @@ SETTING_ORDER = ("full", "omics_only", "wsi_only", "random_half")
 
 
 def summarise(folds: pd.DataFrame) -> pd.DataFrame:
-    """One row per model x setting: ``{metric}_mean``, ``{metric}_std``, ``{metric}_n`` (folds where the
-    metric is defined), ``c_index_folds``, ``n_folds``."""
+    """One row per model x encoder x setting: ``{metric}_mean``, ``{metric}_std``, ``{metric}_n`` (folds
+    where the metric is defined), ``c_index_folds``, ``n_folds``."""
     rows = []
-    for (model, setting), group in folds.groupby(["model", "setting"], sort=False):
-        row: dict[str, object] = {"model": model, "setting": setting}
+    for (model, encoder, setting), group in folds.groupby(["model", "encoder", "setting"], sort=False):
+        row: dict[str, object] = {"model": model, "encoder": encoder, "setting": setting}
         for metric in METRICS:
             values = group.loc[group["metric"] == metric].sort_values("fold")["value"].astype(float)
             finite = values[np.isfinite(values)]
@@ -44,9 +45,11 @@ def summarise(folds: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     order = {s: i for i, s in enumerate(SETTING_ORDER)}
     table["_setting"] = table["setting"].map(lambda s: order.get(s, len(order)))
-    table = table.sort_values(["_setting", "c_index_mean", "model"], ascending=[True, False, True])
+    table = table.sort_values(["_setting", "c_index_mean", "model", "encoder"],
+                              ascending=[True, False, True, True])
     columns = [
         "model",
+        "encoder",
         "setting",
         "c_index_mean",
         "c_index_std",
@@ -59,7 +62,8 @@ def summarise(folds: pd.DataFrame) -> pd.DataFrame:
 
 
 PAIRED_COLUMNS = (
-    "model", "baseline", "best_baseline", "mean_difference", "std_difference", "wins", "ties", "n_folds"
+    "model", "encoder", "baseline", "baseline_encoder", "best_baseline", "mean_difference", "std_difference",
+    "wins", "ties", "n_folds",
 )
 
 
@@ -67,7 +71,9 @@ TIE = 1e-12  # per-fold c-index differences this small are ties (the same pairs 
 
 
 def paired_differences(folds: pd.DataFrame) -> pd.DataFrame:
-    """Each multimodal model's c-index minus each unimodal model's, fold by fold (full setting).
+    """Each multimodal model's c-index minus each unimodal model's, fold by fold (full setting), on each
+    encoder's features: a model on one encoder against the slide models on the same encoder and the
+    models that read no slides.
 
     Both models of a pair are scored on the same held-out patients in a fold, so the per-fold
     difference cancels how hard that fold happens to be; its mean, spread and the count of folds
@@ -77,7 +83,16 @@ def paired_differences(folds: pd.DataFrame) -> pd.DataFrame:
     either c-index is undefined are left out. Models the harness does not know are skipped.
     """
     c = folds[(folds["metric"] == "c_index") & (folds["setting"] == "full")]
+    encoders = sorted(set(c["encoder"]) - {NO_ENCODER}) or [NO_ENCODER]
+    frames = [_paired_on(c[c["encoder"].isin({encoder, NO_ENCODER})]) for encoder in encoders]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PAIRED_COLUMNS))
+
+
+def _paired_on(c: pd.DataFrame) -> pd.DataFrame:
+    """:func:`paired_differences` for the c-indices of one encoder's runs (each model once)."""
     wide = c.pivot_table(index="fold", columns="model", values="value", aggfunc="first")
+    encoder_of = dict(zip(c["model"], c["encoder"], strict=False))
     multi = [m for m in wide.columns if m in MULTIMODAL]
     single = [m for m in wide.columns if m in MODEL_MODALITIES and m not in MULTIMODAL]
     if not multi or not single:
@@ -91,7 +106,9 @@ def paired_differences(folds: pd.DataFrame) -> pd.DataFrame:
             rows.append(
                 {
                     "model": model,
+                    "encoder": encoder_of[model],
                     "baseline": baseline,
+                    "baseline_encoder": encoder_of[baseline],
                     "best_baseline": baseline == best,
                     "mean_difference": float(diff.mean()) if len(diff) else float("nan"),
                     "std_difference": float(diff.std(ddof=0)) if len(diff) else float("nan"),
@@ -103,7 +120,7 @@ def paired_differences(folds: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
 
 
-PAIRED_HEADER = ("model", "against", "c-index difference", "folds won")
+PAIRED_HEADER = ("model", "encoder", "against", "c-index difference", "folds won")
 PAIRED_TITLE = "Fold-paired c-index differences (full setting)"
 PAIRED_NOTE = (
     "Model minus baseline on the same held-out patients in each fold: mean ± standard deviation over "
@@ -112,17 +129,22 @@ PAIRED_NOTE = (
 
 
 def paired_cells(row: pd.Series) -> list[str]:
-    """One paired-difference row as texts: model, baseline (marked when best), mean ± std, wins."""
-    against = f"{row['baseline']} (best unimodal)" if row["best_baseline"] else str(row["baseline"])
+    """One paired-difference row as texts: model, encoder, baseline (its encoder when it reads slides;
+    marked when best), mean ± std, wins."""
+    against = str(row["baseline"])
+    if row["baseline_encoder"] != NO_ENCODER:
+        against += f" ({row['baseline_encoder']})"
+    if row["best_baseline"]:
+        against += ", best unimodal"
     if np.isfinite(row["mean_difference"]):
         diff = f"{row['mean_difference']:+.3f} ± {row['std_difference']:.3f}"
     else:
         diff = "n/a"
     won = f"{row['wins']} of {row['n_folds']}" + (f" ({row['ties']} tied)" if row["ties"] else "")
-    return [str(row["model"]), against, diff, won]
+    return [str(row["model"]), str(row["encoder"]), against, diff, won]
 
 
-SUMMARY_HEADER = ("model", "setting", "c-index", "IPCW c-index", "integrated Brier", "td AUC",
+SUMMARY_HEADER = ("model", "encoder", "setting", "c-index", "IPCW c-index", "integrated Brier", "td AUC",
                   "Kaplan-Meier Brier", "folds")
 SUMMARY_NOTE = (
     "Mean ± standard deviation over folds (ddof = 0; folds where a metric is undefined are left out). "
@@ -138,13 +160,13 @@ def fewer_folds(defined: int, folds: int) -> str:
 
 
 def summary_cells(row: pd.Series) -> list[str]:
-    """One summary row as the table's texts: model, setting, mean ± std per metric, folds."""
+    """One summary row as the table's texts: model, encoder, setting, mean ± std per metric, folds."""
     metrics = [
         "n/a" if not np.isfinite(row[f"{m}_mean"])
         else f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" + fewer_folds(row[f"{m}_n"], row["n_folds"])
         for m in METRICS
     ]
-    return [str(row["model"]), str(row["setting"]), *metrics, str(row["n_folds"])]
+    return [str(row["model"]), str(row["encoder"]), str(row["setting"]), *metrics, str(row["n_folds"])]
 
 
 def _markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
@@ -203,7 +225,7 @@ def _html_table(header: tuple[str, ...], rows: list[str], note: str) -> list[str
 
 def to_html(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = None) -> str:
     """The Markdown content as a self-contained HTML page (no scripts, no external files)."""
-    numeric = [False, False] + [True] * (len(SUMMARY_HEADER) - 2)
+    numeric = [False, False, False] + [True] * (len(SUMMARY_HEADER) - 3)
     rows = []
     previous = None
     for _, r in summary.iterrows():
@@ -232,7 +254,8 @@ def to_html(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = No
 def _paired_html(paired: pd.DataFrame | None) -> list[str]:
     if paired is None or not len(paired):
         return []
-    rows = [f"<tr>{_tds(paired_cells(r), [False, False, True, True])}</tr>" for _, r in paired.iterrows()]
+    numeric = [False, False, False, True, True]
+    rows = [f"<tr>{_tds(paired_cells(r), numeric)}</tr>" for _, r in paired.iterrows()]
     return [f"<h2>{html.escape(PAIRED_TITLE)}</h2>", *_html_table(PAIRED_HEADER, rows, PAIRED_NOTE)]
 
 
@@ -241,13 +264,14 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="healnet evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cohort", required=True)
     parser.add_argument("--results-dir", required=True, type=Path, help="results/{cohort}")
-    parser.add_argument("--models", default=None, help="comma-separated models (default: every trained one)")
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated {encoder}/{model} folders (default: every trained one)")
     parser.add_argument(
         "-o", "--output", required=True, type=Path, help="summary.csv; summary.md and .html go beside it"
     )
     args = parser.parse_args(argv)
-    models = [m for m in args.models.split(",") if m] if args.models else None
-    folds = read_folds(args.results_dir, models)
+    runs = [r for r in args.runs.split(",") if r] if args.runs else None
+    folds = read_folds(args.results_dir, runs)
     summary, paired = summarise(folds), paired_differences(folds)
     with atomic_output(args.output) as tmp:
         summary.to_csv(tmp, index=False)

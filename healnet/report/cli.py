@@ -1,9 +1,11 @@
 """Figures and tables for one cohort (``healnet report``): what a pathologist looks at after a run.
 
 - ``km_curves.png``: Kaplan-Meier curves of held-out patients, split at each fold's training-median risk,
-  with the log-rank p-value (lifelines), one panel per model;
-- ``c_index.png``: c-index per model with one point per fold;
-- ``attention_wsi.png``: HEALNet's per-patch cross-attention drawn over slide thumbnails;
+  with the log-rank p-value (lifelines), one panel per model (per model and encoder when models were
+  trained on several encoders' features);
+- ``c_index.png``: c-index per model (and encoder) with one point per fold;
+- ``attention_wsi.png``: HEALNet's per-patch cross-attention drawn over slide thumbnails (the HEALNet
+  trained on ``--encoder``'s features);
 - ``attention_omics.png``: the omic tokens HEALNet's cross-attention weighted most, and the omic
   features whose gradient x input moved its predicted risk most;
 - ``failed_slides.csv`` (beside the figures folder): slides that gave no patches, and why.
@@ -18,7 +20,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from healnet.data.results import read_folds
+import pandas as pd
+
+from healnet.data.results import NO_ENCODER, find_runs, read_folds, run_name
 from healnet.report import attention as explain
 from healnet.report.figures import failed_slides, load_predictions, plot_c_index, plot_km_curves, write_csv
 from preprocessing.core.errors import InputError
@@ -34,30 +38,42 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", type=Path, required=True, help="results/{cohort}")
     p.add_argument("--omics-dir", type=Path, required=True, help="omics/{cohort}")
     p.add_argument("--models-dir", type=Path, required=True, help="models/{cohort}")
+    p.add_argument("--encoder", required=True,
+                   help="the encoder whose HEALNet attention, stores and tiles are drawn and checked")
     p.add_argument("--features-dir", type=Path, required=True, help="features/{cohort}/{encoder}")
-    p.add_argument("--tiles-dir", type=Path, required=True, help="tiles/{cohort}")
+    p.add_argument("--tiles-dir", type=Path, required=True, help="tiles/{cohort}/{geometry} of that encoder")
     p.add_argument("--slides-dir", default="", help="folder of the cohort's slides (for thumbnails)")
-    p.add_argument("--models", default="", help="comma-separated; default: every model under --results-dir")
+    p.add_argument("--runs", default="",
+                   help="comma-separated {encoder}/{model} folders; default: every run under --results-dir")
     p.add_argument("--top-omic-features", type=int, default=15)
     p.add_argument("--heatmap-slides", type=int, default=3)
     p.add_argument("-o", "--out", type=Path, required=True, help="figures folder")
     return p
 
 
+def with_run_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``model`` naming the run, "healnet (uni)", where models were trained on the
+    features of more than one encoder; as it is otherwise."""
+    encoders = set(frame["encoder"]) - {NO_ENCODER}
+    if len(encoders) < 2:
+        return frame
+    pairs = zip(frame["model"], frame["encoder"], strict=True)
+    labels = [m if e == NO_ENCODER else f"{m} ({e})" for m, e in pairs]
+    return frame.assign(model=labels)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """Entry point of ``healnet report``; returns the exit status."""
     args = build_arg_parser().parse_args(argv)
-    models = [m for m in args.models.split(",") if m] or sorted(
-        p.parent.name for p in args.results_dir.glob("*/predictions.parquet")
-    )
-    if not models:
-        raise InputError(args.results_dir, "no trained model results (*/predictions.parquet)")
+    runs = [r for r in args.runs.split(",") if r] or find_runs(args.results_dir, "predictions.parquet")
+    if not runs:
+        raise InputError(args.results_dir, "no trained model results ({encoder}/{model}/predictions.parquet)")
     args.out.mkdir(parents=True, exist_ok=True)
-    predictions = load_predictions(args.results_dir, models)
-    folds = read_folds(args.results_dir, models)
-    logrank = plot_km_curves(predictions, args.out / "km_curves.png")
+    predictions = load_predictions(args.results_dir, runs)
+    folds = read_folds(args.results_dir, runs)
+    logrank = plot_km_curves(with_run_labels(predictions), args.out / "km_curves.png")
     write_csv(logrank, args.results_dir / "logrank.csv")
-    plot_c_index(folds, args.out / "c_index.png")
+    plot_c_index(with_run_labels(folds), args.out / "c_index.png")
     slides = None  # without a readable slides folder (slides moved off after extraction): every tiles file
     if args.slides_dir:
         try:
@@ -68,8 +84,10 @@ def cli(argv: list[str] | None = None) -> int:
     write_csv(failed, args.results_dir / "failed_slides.csv")
 
     # Only a configured HEALNet is drawn: a checkpoint folder left over from an earlier run is not read.
-    healnet_preds = predictions[predictions["model"] == "healnet"]
-    healnet_dir = args.models_dir / "healnet" if "healnet" in models else None
+    healnet_run = run_name(args.encoder, "healnet")
+    is_healnet = (predictions["model"] == "healnet") & (predictions["encoder"] == args.encoder)
+    healnet_preds = predictions[is_healnet]
+    healnet_dir = args.models_dir / healnet_run if healnet_run in runs else None
     explain.draw_attention_figures(
         models_dir=healnet_dir, predictions=healnet_preds, omics_dir=args.omics_dir,
         features_dir=args.features_dir,

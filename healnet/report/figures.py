@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from healnet.data.results import read_predictions  # noqa: E402
+from healnet.data.results import read_predictions, split_run  # noqa: E402
 from healnet.report.figure_files import message_figure, save_figure  # noqa: E402
 from preprocessing.core.atomic import atomic_output  # noqa: E402
 from preprocessing.core.errors import InputError, one_line  # noqa: E402
@@ -29,10 +29,14 @@ from preprocessing.tiling.tiles import read_tiles  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def load_predictions(results_dir: Path, models: list[str]) -> pd.DataFrame:
-    """All models' held-out predictions in one frame (column ``model`` added)."""
-    frames = [read_predictions(results_dir / model / "predictions.parquet").assign(model=model)
-              for model in models]
+def load_predictions(results_dir: Path, runs: list[str]) -> pd.DataFrame:
+    """The held-out predictions of every ``{encoder}/{model}`` run in one frame (columns ``model`` and
+    ``encoder`` added)."""
+    frames = []
+    for run in runs:
+        encoder, model = split_run(run)
+        frames.append(read_predictions(results_dir / run / "predictions.parquet").assign(model=model,
+                                                                                           encoder=encoder))
     return pd.concat(frames, ignore_index=True)
 
 

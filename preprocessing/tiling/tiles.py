@@ -4,11 +4,15 @@ Columns: ``x``, ``y`` (level-0 pixels, top-left corner), ``tissue_fraction``. Me
 stored under the Parquet schema key ``healnet``): ``slide``, ``level``, ``downsample``,
 ``patch_size_level0``, ``patch_size``, ``target_mpp``, ``mpp``, ``mpp_source``, and, for a slide that
 could not be read, ``failed`` (the reason). Zero rows is a valid table.
+
+The workflow keeps one tiles folder per patch geometry (:func:`geometry_name`), so that encoders
+trained at the same patch size and resolution share one tiling.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +48,19 @@ def invalid_positions(xy: np.ndarray) -> np.ndarray:
     """Rows of an N x 2 array of patch corners that are not whole, finite, non-negative level-0 pixels."""
     xy = np.asarray(xy, dtype=float)
     return ~np.isfinite(xy).all(axis=1) | (xy < 0).any(axis=1) | (xy != np.round(xy)).any(axis=1)
+
+
+_GEOMETRY = re.compile(r"^(\d+)px_(\d+(?:\.\d+)?)mpp$")
+
+
+def geometry_name(patch_size: int, mpp: float) -> str:
+    """The folder name of a patch geometry, e.g. ``256px_0.5mpp`` (256 px at 0.5 µm per px)."""
+    return f"{int(patch_size)}px_{float(mpp):g}mpp"
+
+
+def parse_geometry(name: str) -> tuple[int, float]:
+    """(patch size, µm per px) from :func:`geometry_name`'s text; ValueError for other text."""
+    match = _GEOMETRY.match(name)
+    if match is None:
+        raise ValueError(f"not a patch geometry (like 256px_0.5mpp): {name!r}")
+    return int(match[1]), float(match[2])

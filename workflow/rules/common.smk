@@ -17,18 +17,27 @@ BASEDIR = Path(workflow.basedir).resolve()
 _USES_CONDA = DeploymentMethod.CONDA in (workflow.deployment_settings.deployment_method or ())
 _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
-ENCODER = config["extract"]["encoder"]
-from healnet.config import BAGS_ON_DEVICE_SETTING_WORDS
+from healnet.config import BAGS_ON_DEVICE_SETTING_WORDS, configured_encoders, encoder_weights, tiles_geometry
+from healnet.data.results import NO_ENCODER
 from healnet.modalities import MODEL_MODALITIES
 from healnet.settings import training_snapshot
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
 from preprocessing.slides.files import SlideFolderError, find_slide_files
+from preprocessing.tiling.tiles import parse_geometry
 
 # Every file the workflow writes lies under config `outdir` (logs and rule benchmarks included), so a
 # run can be pointed at scratch storage and archived or deleted as one folder. Each rule's log is
 # logs/{rule}/... and its benchmark benchmarks/{rule}/..., named after the rule and so after the
 # `healnet` subcommand it runs.
 OUTDIR = os.path.normpath(config["outdir"])
+
+# The encoders features are extracted with (extract.encoders, else extract.encoder). Every model that
+# reads slides is trained on each; models that read no slides once, under the encoder folder `none`.
+# The first encoder's tiles decide which slides the omics step counts as usable, and its HEALNet is
+# the one the report draws.
+ENCODERS = configured_encoders(config["extract"])
+PRIMARY_ENCODER = ENCODERS[0]
+ENCODER_WEIGHTS = {e: encoder_weights(config["extract"], e) for e in ENCODERS}
 
 
 def out(path):
@@ -114,12 +123,39 @@ def cohort_models(cohort):
     return [m for m in config["models"] if m not in skipped]
 
 
-def tiles_of(cohort):
-    return [out(f"tiles/{cohort}/{s}.parquet") for s in cohort_slides(cohort)]
+def geometry_of(encoder):
+    """The tiles folder of ``encoder``'s patch geometry, e.g. 224px_0.5mpp: encoders that cut the same
+    patches share one tiling."""
+    return tiles_geometry(config, encoder)
 
 
-def stores_of(cohort):
-    return [out(f"features/{cohort}/{ENCODER}/{s}.zarr") for s in cohort_slides(cohort)]
+def tiles_dir(cohort, encoder=PRIMARY_ENCODER):
+    return out(f"tiles/{cohort}/{geometry_of(encoder)}")
+
+
+def tiles_of(cohort, encoder=PRIMARY_ENCODER):
+    return [f"{tiles_dir(cohort, encoder)}/{s}.parquet" for s in cohort_slides(cohort)]
+
+
+def stores_of(cohort, encoder):
+    return [out(f"features/{cohort}/{encoder}/{s}.zarr") for s in cohort_slides(cohort)]
+
+
+def reads_slides(model):
+    return "wsi" in MODEL_MODALITIES.get(model, ())
+
+
+@functools.cache
+def cohort_runs(cohort):
+    """(encoder, model) of every run of a cohort: each model that reads slides on each encoder's
+    features, the others (and every model of a cohort without slides) under `none`."""
+    has_slides = is_demo(cohort) or bool(cohort_config(cohort).get("slides"))
+    return [(e, m) for m in cohort_models(cohort)
+            for e in (ENCODERS if has_slides and reads_slides(m) else [NO_ENCODER])]
+
+
+def run_names(cohort):
+    return [f"{e}/{m}" for e, m in cohort_runs(cohort)]
 
 
 REPORT_FIGURES = ["km_curves.png", "c_index.png", "attention_wsi.png", "attention_omics.png"]
@@ -135,8 +171,10 @@ def final_outputs():
         targets += [out(f"results/{cohort}/summary.{ext}") for ext in ("md", "csv", "html")]
         targets += [out(f"results/{cohort}/figures/{f}") for f in REPORT_FIGURES]
         targets += [out(f"results/{cohort}/failed_slides.csv")]
-        targets += tiles_of(cohort) + stores_of(cohort) + checkpoints_of(cohort, cohort_models(cohort))
-    return targets
+        for encoder in ENCODERS:
+            targets += tiles_of(cohort, encoder) + stores_of(cohort, encoder)
+        targets += checkpoints_of(cohort, cohort_runs(cohort))
+    return list(dict.fromkeys(targets))  # encoders with the same geometry share their tiles
 
 
 def encoder_mem_mb(wildcards, cnn_mb):
@@ -168,7 +206,7 @@ def omics_inputs(wildcards):
     """The omics step reads the tiles (which slides are usable), the cohort's tables and its split
     files: all inputs, so that a corrected table or split file reruns it and what follows."""
     c = wildcards.cohort
-    inputs = {"tiles": tiles_of(c)}
+    inputs = {"tiles": tiles_of(c)}  # the first encoder's (see PRIMARY_ENCODER)
     if is_demo(c):
         inputs["plan"] = out(f"data/{c}/cohort.json")
         return inputs
@@ -183,7 +221,7 @@ def omics_args(wildcards):
     c = wildcards.cohort
     args = [f"--omics {shlex.quote(str(omics_source(c)))}"]
     if slides_dir(c):
-        tiles = shlex.quote(out(f"tiles/{c}"))
+        tiles = shlex.quote(tiles_dir(c))
         args.append(f"--slides {shlex.quote(str(slides_dir(c)))} --tiles-dir {tiles}")
     if cohort_config(c).get("splits"):
         args.append(f"--splits {shlex.quote(cohort_config(c)['splits'])}")
@@ -209,43 +247,44 @@ def training_settings(wildcards):
 
 
 def train_inputs(wildcards):
+    c, encoder, model = wildcards.cohort, wildcards.encoder, wildcards.model
     return {
-        "config": out(f"results/{wildcards.cohort}/{wildcards.model}/config.json"),
-        "manifest": out(f"omics/{wildcards.cohort}/manifest.parquet"),
-        "features": out(f"omics/{wildcards.cohort}/features.parquet"),
-        "splits": out(f"omics/{wildcards.cohort}/splits.parquet"),
+        "config": out(f"results/{c}/{encoder}/{model}/config.json"),
+        "manifest": out(f"omics/{c}/manifest.parquet"),
+        "features": out(f"omics/{c}/features.parquet"),
+        "splits": out(f"omics/{c}/splits.parquet"),
         # only models that read slides wait for (and retrain after) the feature stores
-        "stores": stores_of(wildcards.cohort) if "wsi" in MODEL_MODALITIES.get(wildcards.model, ()) else [],
+        "stores": stores_of(c, encoder) if encoder != NO_ENCODER and reads_slides(model) else [],
     }
 
 
-def checkpoints_of(cohort, models):
-    return [out(f"models/{cohort}/{m}/fold{k}.pt") for m in models for k in fold_ids(cohort)]
+def checkpoints_of(cohort, runs):
+    return [out(f"models/{cohort}/{e}/{m}/fold{k}.pt") for e, m in runs for k in fold_ids(cohort)]
 
 
 def fold_outputs(wildcards):
-    """Every fold's outputs of one cohort x model (rule train), which `healnet collect` joins."""
-    stem = out(f"results/{wildcards.cohort}/{wildcards.model}")
+    """Every fold's outputs of one cohort x encoder x model (rule train), which `healnet collect` joins."""
+    stem = out(f"results/{wildcards.cohort}/{wildcards.encoder}/{wildcards.model}")
     folds = fold_ids(wildcards.cohort)
     files = {"folds": "folds.csv", "predictions": "predictions.parquet", "logs": "log.json"}
     inputs = {key: [f"{stem}/fold{k}/{name}" for k in folds] for key, name in files.items()}
-    return inputs | {"checkpoints": checkpoints_of(wildcards.cohort, [wildcards.model])}
+    run = [(wildcards.encoder, wildcards.model)]
+    return inputs | {"checkpoints": checkpoints_of(wildcards.cohort, run)}
 
 
 def evaluate_inputs(wildcards):
-    return expand(out("results/{cohort}/{model}/folds.csv"), cohort=wildcards.cohort, model=cohort_models(wildcards.cohort))
+    return [out(f"results/{wildcards.cohort}/{run}/folds.csv") for run in run_names(wildcards.cohort)]
 
 
 def report_inputs(wildcards):
     c = wildcards.cohort
-    models = cohort_models(c)
     return {
         "summary": out(f"results/{c}/summary.csv"),
-        "predictions": expand(out("results/{cohort}/{model}/predictions.parquet"), cohort=c, model=models),
-        "checkpoints": checkpoints_of(c, models),
+        "predictions": [out(f"results/{c}/{run}/predictions.parquet") for run in run_names(c)],
+        "checkpoints": checkpoints_of(c, cohort_runs(c)),
         "manifest": out(f"omics/{c}/manifest.parquet"),
         "tiles": tiles_of(c),
-        "stores": stores_of(c),
+        "stores": stores_of(c, PRIMARY_ENCODER),
     }
 
 

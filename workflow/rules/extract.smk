@@ -10,7 +10,7 @@
 # every store) and in the params of both rules.
 rule encoder:
     input:
-        weights=optional_input(config["extract"]["weights"]),
+        weights=lambda wc: optional_input(ENCODER_WEIGHTS.get(wc.encoder)),
     output:
         out("features/{cohort}/{encoder}/encoder.pt"),
     log:
@@ -19,7 +19,7 @@ rule encoder:
         out("benchmarks/encoder/{cohort}/{encoder}.tsv")
     params:
         healnet=HEALNET,
-        weights=optional_flag("--weights", config["extract"]["weights"]),
+        weights=lambda wc: optional_flag("--weights", ENCODER_WEIGHTS.get(wc.encoder)),
     threads: 1
     resources:
         mem_mb=lambda wc: encoder_mem_mb(wc, 4000),
@@ -33,7 +33,7 @@ rule encoder:
 rule extract:
     input:
         slide=slide_path,
-        tiles=out("tiles/{cohort}/{slide}.parquet"),
+        tiles=lambda wc: out(f"tiles/{wc.cohort}/{geometry_of(wc.encoder)}/{wc.slide}.parquet"),
         encoder=out("features/{cohort}/{encoder}/encoder.pt"),
         stain_reference=optional_input(config["extract"]["stain_reference"]),
     output:
@@ -47,9 +47,9 @@ rule extract:
         device=config["extract"]["device"],
         dtype=config["extract"]["dtype"],
         max_bad=config["extract"]["max_bad_patch_fraction"],
-        options=" ".join(
+        options=lambda wc: " ".join(
             [
-                optional_flag("--weights", config["extract"]["weights"]),
+                optional_flag("--weights", ENCODER_WEIGHTS.get(wc.encoder)),
                 optional_flag("--stain-norm", config["extract"]["stain_norm"]),
                 optional_flag("--stain-reference", config["extract"]["stain_reference"]),
             ]

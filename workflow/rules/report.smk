@@ -26,12 +26,13 @@ rule report:
         results=out("results/{cohort}"),
         omics=out("omics/{cohort}"),
         models_dir=out("models/{cohort}"),
-        features=out(f"features/{{cohort}}/{ENCODER}"),
-        tiles=out("tiles/{cohort}"),
+        encoder=PRIMARY_ENCODER,
+        features=out(f"features/{{cohort}}/{PRIMARY_ENCODER}"),
+        tiles=lambda wc: tiles_dir(wc.cohort),
         figures=out("results/{cohort}/figures"),
         r=config["report"],
         slides=lambda wc: optional_flag("--slides-dir", slides_dir(wc.cohort)),
-        models=lambda wc: ",".join(cohort_models(wc.cohort)),
+        runs=lambda wc: ",".join(run_names(wc.cohort)),
     threads: 1
     resources:
         mem_mb=4000,
@@ -41,6 +42,6 @@ rule report:
     shell:
         "{params.healnet} report --cohort {wildcards.cohort} --results-dir {params.results:q}"
         " --omics-dir {params.omics:q} --models-dir {params.models_dir:q}"
-        " --features-dir {params.features:q} --tiles-dir {params.tiles:q}"
-        " {params.slides} --models {params.models} --top-omic-features {params.r[top_omic_features]}"
+        " --encoder {params.encoder} --features-dir {params.features:q} --tiles-dir {params.tiles:q}"
+        " {params.slides} --runs {params.runs} --top-omic-features {params.r[top_omic_features]}"
         " --heatmap-slides {params.r[heatmap_slides]} -o {params.figures:q} > {log:q} 2>&1"

@@ -1,15 +1,16 @@
-# Training and scoring: one job per cohort x model x fold (`train`), the folds of a model joined
-# (`collect`), and the models compared (`evaluate`).
+# Training and scoring: one job per cohort x encoder x model x fold (`train`), the folds of a run joined
+# (`collect`), and the runs compared (`evaluate`). A run's files lie in {cohort}/{encoder}/{model}/: the
+# encoder whose features the model reads, `none` for a model that reads no slides (common.smk).
 
 
 # The settings each model is trained with, as its training jobs read them (see training_settings).
 rule config_snapshot:
     output:
-        out("results/{cohort}/{model}/config.json"),
+        out("results/{cohort}/{encoder}/{model}/config.json"),
     log:
-        out("logs/config_snapshot/{cohort}/{model}.log"),
+        out("logs/config_snapshot/{cohort}/{encoder}/{model}.log"),
     benchmark:
-        out("benchmarks/config_snapshot/{cohort}/{model}.tsv")
+        out("benchmarks/config_snapshot/{cohort}/{encoder}/{model}.tsv")
     params:
         text=training_settings,
     threads: 1
@@ -22,27 +23,27 @@ rule config_snapshot:
         "printf '%s\\n' {params.text:q} > {output:q} 2> {log:q}"
 
 
-# One job per cohort x model x fold, so that a failed or cancelled job loses one fold and a cluster
+# One job per cohort x encoder x model x fold, so that a failed or cancelled job loses one fold and a cluster
 # trains the folds side by side; every fold is seeded on its own, so the numbers are those of one
 # all-fold run.
 rule train:
     input:
         unpack(train_inputs),
     output:
-        folds=out("results/{cohort}/{model}/fold{fold}/folds.csv"),
-        predictions=out("results/{cohort}/{model}/fold{fold}/predictions.parquet"),
-        log_json=out("results/{cohort}/{model}/fold{fold}/log.json"),
-        checkpoint=out("models/{cohort}/{model}/fold{fold}.pt"),
+        folds=out("results/{cohort}/{encoder}/{model}/fold{fold}/folds.csv"),
+        predictions=out("results/{cohort}/{encoder}/{model}/fold{fold}/predictions.parquet"),
+        log_json=out("results/{cohort}/{encoder}/{model}/fold{fold}/log.json"),
+        checkpoint=out("models/{cohort}/{encoder}/{model}/fold{fold}.pt"),
     log:
-        out("logs/train/{cohort}/{model}/fold{fold}.log"),
+        out("logs/train/{cohort}/{encoder}/{model}/fold{fold}.log"),
     benchmark:
-        out("benchmarks/train/{cohort}/{model}/fold{fold}.tsv")
+        out("benchmarks/train/{cohort}/{encoder}/{model}/fold{fold}.tsv")
     params:
         healnet=HEALNET,
         omics=out("omics/{cohort}"),
-        features=out(f"features/{{cohort}}/{ENCODER}"),
-        models=out("models/{cohort}/{model}"),
-        results=out("results/{cohort}/{model}/fold{fold}"),
+        features=out("features/{cohort}/{encoder}"),
+        models=out("models/{cohort}/{encoder}/{model}"),
+        results=out("results/{cohort}/{encoder}/{model}/fold{fold}"),
         device=config["training"]["device"],
     threads: config["training"]["threads"]
     resources:
@@ -64,21 +65,21 @@ rule train:
         " --device {params.device} > {log:q} 2>&1"
 
 
-# The folds of one model joined into the files an all-fold `healnet train` writes.
+# The folds of one run joined into the files an all-fold `healnet train` writes.
 rule collect:
     input:
         unpack(fold_outputs),
     output:
-        folds=out("results/{cohort}/{model}/folds.csv"),
-        predictions=out("results/{cohort}/{model}/predictions.parquet"),
-        log_json=out("results/{cohort}/{model}/log.json"),
+        folds=out("results/{cohort}/{encoder}/{model}/folds.csv"),
+        predictions=out("results/{cohort}/{encoder}/{model}/predictions.parquet"),
+        log_json=out("results/{cohort}/{encoder}/{model}/log.json"),
     log:
-        out("logs/collect/{cohort}/{model}.log"),
+        out("logs/collect/{cohort}/{encoder}/{model}.log"),
     benchmark:
-        out("benchmarks/collect/{cohort}/{model}.tsv")
+        out("benchmarks/collect/{cohort}/{encoder}/{model}.tsv")
     params:
         healnet=HEALNET,
-        results=out("results/{cohort}/{model}"),
+        results=out("results/{cohort}/{encoder}/{model}"),
         folds=lambda wc: ",".join(map(str, fold_ids(wc.cohort))),
     threads: 1
     resources:
@@ -117,7 +118,7 @@ rule evaluate:
     params:
         healnet=HEALNET,
         results=out("results/{cohort}"),
-        models=lambda wc: ",".join(cohort_models(wc.cohort)),
+        runs=lambda wc: ",".join(run_names(wc.cohort)),
     threads: 1
     resources:
         mem_mb=1000,
@@ -126,4 +127,4 @@ rule evaluate:
         "../../envs/model.yaml"
     shell:
         "{params.healnet} evaluate --cohort {wildcards.cohort} --results-dir {params.results:q}"
-        " --models {params.models} -o {output.csv:q} > {log:q} 2>&1"
+        " --runs {params.runs} -o {output.csv:q} > {log:q} 2>&1"
