@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -183,6 +184,36 @@ def train(cohort: Cohort, config: Path, model: str, out: Path, *extra: str, work
                                results=results))
     finally:
         torch.set_num_threads(threads)
+
+
+GRID = 256  # the planted cohort's patches: a 20 x 20 grid of 256-px cells at level 0
+
+
+def write_trident(path: Path, features: np.ndarray, coords: np.ndarray, *, encoder: str | None = "stub",
+                  patch_size_level0: int = GRID, **coords_attrs: object) -> Path:
+    """A feature file laid out as TRIDENT's ``extract_patch_features`` writes it (its text ``None``
+    for a missing encoder included)."""
+    with h5py.File(path, "w") as f:
+        feats = f.create_dataset("features", data=features)
+        feats.attrs.update({"name": path.stem, "savetodir": str(path.parent),
+                            "encoder": "None" if encoder is None else encoder})
+        xy = f.create_dataset("coords", data=coords.astype(np.int64))
+        xy.attrs.update({"patch_size": GRID, "patch_size_level0": patch_size_level0,
+                         "level0_magnification": 20, "target_magnification": 20, "overlap": 0,
+                         "name": path.stem, "savetodir": str(path.parent), "level0_width": 20 * GRID,
+                         "level0_height": 20 * GRID, **coords_attrs})
+    return path
+
+
+def write_clam(path: Path, features: np.ndarray, coords: np.ndarray, attrs: bool = True) -> Path:
+    """A feature file laid out as CLAM's ``extract_features_fp.py`` writes it (float32 features, int32
+    coords), with the patch files' ``patch_size``/``patch_level`` on ``coords`` when ``attrs``."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=features.astype(np.float32))
+        xy = f.create_dataset("coords", data=coords.astype(np.int32))
+        if attrs:
+            xy.attrs.update({"patch_size": GRID, "patch_level": 0, "downsample": (1.0, 1.0)})
+    return path
 
 
 #: the encoder folder the workflow's layout gives a planted cohort's features (see :func:`as_runs`)

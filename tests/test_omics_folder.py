@@ -259,6 +259,29 @@ def test_mcat_table_with_tiles_folder_only(tmp_path: Path) -> None:
         cli(["--cohort", "M", "--omics", str(table), "--tiles-dir", str(tmp_path / "nope"), "-o", str(out)])
 
 
+def test_mcat_table_with_imported_feature_stores_only(tmp_path: Path) -> None:
+    """Features imported from CLAM or TRIDENT come without tiles: the stores name the slides, and a
+    store without patches, one recorded as failed and one that is damaged leave their slide unusable."""
+    from factory import write_feature_store
+
+    table = mcat_table(tmp_path / "t.csv")
+    stores = tmp_path / "features"
+    write_feature_store(stores / f"{slide_name(1)[:-4]}.zarr", np.ones((3, 4)), np.zeros((3, 2)))
+    write_feature_store(stores / f"{slide_name(1, 2)[:-4]}.zarr", np.zeros((0, 4)), np.zeros((0, 2)),
+                        failed="more than 1.00% of 2 patches cannot be decoded")
+    write_feature_store(stores / f"{slide_name(2)[:-4]}.zarr", np.ones((2, 4)), np.zeros((2, 2)))
+    (stores / f"{slide_name(2)[:-4]}.zarr" / "zarr.json").write_text("{not json")
+    out = tmp_path / "out"
+    assert cli(["--cohort", "M", "--omics", str(table), "--features-dir", str(stores), "--n-folds", "2",
+                "-o", str(out)]) == 0
+    m = pd.read_parquet(out / "manifest.parquet").set_index("patient")
+    assert m["has_wsi"].tolist() == [True, False]
+    assert list(m.at["TCGA-AB-0001", "slides"]) == [slide_name(1)[:-4]]
+    failed = dict(f.split(": ", 1) for f in m.at["TCGA-AB-0001", "failed_slides"])
+    assert failed == {slide_name(1, 2)[:-4]: "failed: more than 1.00% of 2 patches cannot be decoded"}
+    assert "not a readable feature store" in m.at["TCGA-AB-0002", "failed_slides"][0]
+
+
 def expect_error(fn, *args, source: str | Path, words: tuple[str, ...]) -> InputError:
     with raises_one_line_error(*words) as info:
         fn(*args)

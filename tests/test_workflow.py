@@ -30,8 +30,8 @@ TINY = {
 }
 
 # Every rule but `all`, each named after what it runs (see the name test below).
-RULES = {"demo", "tile", "encoder", "extract", "omics", "config_snapshot", "train", "collect", "evaluate",
-         "report"}
+RULES = {"demo", "tile", "encoder", "extract", "import_features", "omics", "config_snapshot", "train",
+         "collect", "evaluate", "report"}
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +69,26 @@ def test_every_file_the_run_writes_is_under_outdir(tiny_run: Path) -> None:
     out = tiny_run / OUT
     made = {"data", "tiles", "qc", "features", "omics", "models", "results", "logs", "benchmarks"}
     assert made <= {p.name for p in out.iterdir()} <= made | {"report.html"}
-    assert {p.name for p in (out / "logs").iterdir()} == RULES
-    assert {p.name for p in (out / "benchmarks").iterdir()} == RULES
+    ran = RULES - {"import_features"}  # the tiny run imports no features
+    assert {p.name for p in (out / "logs").iterdir()} == ran
+    assert {p.name for p in (out / "benchmarks").iterdir()} == ran
     assert (out / "logs/collect/TINY/efficientnet_lite0/healnet.log").is_file()
     assert (out / "benchmarks/train/TINY/efficientnet_lite0/healnet/fold0.tsv").is_file()
 
 
 def test_a_rule_its_log_its_benchmark_and_its_command_share_one_name(tmp_path: Path) -> None:
     """Rule `x` logs to {outdir}/logs/x/..., benchmarks to {outdir}/benchmarks/x/... and runs
-    `healnet x` (config_snapshot, which writes a file with printf, runs no healnet command). Read
-    from the dry run of a fresh cohort, which plans a job of every rule the Snakefile defines."""
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    `healnet x` (`healnet import-features` for import_features; config_snapshot, which writes a file
+    with printf, runs no healnet command). Read from the dry run of a fresh demo cohort and a cohort
+    of imported features, which plans a job of every rule the Snakefile defines."""
+    (tmp_path / "h5").mkdir()
+    (tmp_path / "h5" / "TCGA-AA-0001-01Z-00-DX1.h5").touch()
+    (tmp_path / "clinical.tsv").touch()
+    imported = {"omics": str(tmp_path / "clinical.tsv"),
+                "features": {"format": "clam", "path": str(tmp_path / "h5"), "encoder": "uni"}}
+    config = copy.deepcopy(TINY)
+    config["cohorts"]["IMPORTED"] = imported
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     listed = snakemake(tmp_path, "--list-rules")
     assert listed.returncode == 0, listed.stderr[-3000:]
     assert set(listed.stdout.split()) == RULES | {"all"}
@@ -92,11 +101,14 @@ def test_a_rule_its_log_its_benchmark_and_its_command_share_one_name(tmp_path: P
         assert job["log"].startswith(f"{OUT}/logs/{rule}/"), job
         assert job["benchmark"].startswith(f"{OUT}/benchmarks/{rule}/"), job
         assert all(path.startswith(f"{OUT}/") for path in job["output"].split(", ")), job
-        command = re.search(r" -m healnet\.cli (\w+) ", job["shell"])
+        command = re.search(r" -m healnet\.cli ([\w-]+) ", job["shell"])
         if rule == "config_snapshot":
             assert command is None and job["shell"].startswith("printf "), job
         else:
-            assert command is not None and command.group(1) == rule, job
+            assert command is not None and command.group(1).replace("-", "_") == rule, job
+    # the imported cohort is neither tiled nor extracted, and the demo cohort is not imported
+    assert not [j for j in jobs if j["rule"] in ("tile", "extract") and "IMPORTED" in j["wildcards"]]
+    assert not [j for j in jobs if j["rule"] == "import_features" and "TINY" in j["wildcards"]]
 
 
 def failed_fold(model: str, fold: int) -> list[str]:
@@ -244,6 +256,40 @@ def test_a_second_encoder_shares_the_tiles_and_joins_the_summary(tiny_run: Path,
     dry = snakemake(run, "-n", "--cores", "2")
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert set(job_counts(dry.stdout)) - {"total"} <= {"evaluate", "report", "all"}
+
+
+def test_a_cohort_of_trident_files_trains_as_the_same_features_extracted_here(tiny_run: Path,
+                                                                              tmp_path: Path) -> None:
+    """A cohort named with `features: {format: trident, ...}` is imported instead of tiled and
+    extracted; with the tiny run's own features and omic tables, as TRIDENT files, its models score
+    exactly as the tiny run's (same folds, same seeds)."""
+    from factory import write_trident
+
+    from preprocessing.features.store import read_store, store_attrs
+
+    out = tiny_run / OUT
+    h5 = tmp_path / "trident"
+    h5.mkdir()
+    for store in sorted((out / "features/TINY/efficientnet_lite0").glob("*.zarr")):
+        attrs = store_attrs(store)
+        if attrs["n_patches"]:  # the corrupt slide has no features: TRIDENT writes no file for it
+            features, coords = read_store(store)
+            write_trident(h5 / f"{store.stem}.h5", features, coords, encoder="efficientnet_lite0",
+                          patch_size_level0=attrs["patch_size_level0"], level0_width=10**6,
+                          level0_height=10**6)
+    config = copy.deepcopy(TINY) | {"models": ["snn", "abmil"], "outdir": str(tmp_path / "out")}
+    config["cohorts"] = {"TINY": {"omics": str(out / "data/TINY/omics"), "features": {
+        "format": "trident", "path": str(h5), "encoder": "efficientnet_lite0"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    ran = snakemake(tmp_path, "--cores", "2")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    jobs = job_counts(ran.stdout + ran.stderr)
+    assert "tile" not in jobs and "extract" not in jobs
+    assert jobs["import_features"] == str(len(list(h5.iterdir())))
+    key = ["model", "encoder", "setting"]
+    got = pd.read_csv(tmp_path / "out/results/TINY/summary.csv").set_index(key).sort_index()
+    ours = pd.read_csv(out / "results/TINY/summary.csv").set_index(key).sort_index().loc[got.index]
+    pd.testing.assert_frame_equal(got, ours)
 
 
 def test_snakemake_report_collects_tables_and_figures(tiny_run: Path) -> None:

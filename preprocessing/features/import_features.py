@@ -359,7 +359,8 @@ def import_features(source: str | Path, out_dir: str | Path, fmt: str, *, encode
             log.warning("not imported: %s", err)
             failed.append((path, err))
     log.info("%d of %d file(s) imported into %s", len(written), len(files), out_dir)
-    _record_failures(out_dir / FAILURES, failed)
+    if source.is_dir():  # one file (a workflow job per slide): its error line says it all
+        _record_failures(out_dir / FAILURES, failed)
     if len(failed) == 1 and len(files) == 1:
         raise failed[0][1]
     if len(failed) == 1:

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     slides.add_argument("--slide-list", type=Path, help="text file: one slide file name or path per line")
     parser.add_argument("--tiles-dir", type=Path,
                         help="tiling outputs {slide_stem}.parquet: slides without patches count as unusable")
+    parser.add_argument("--features-dir", type=Path,
+                        help="feature stores {slide_stem}.zarr, for features imported without tiles: "
+                             "the slides (unless --slides or --slide-list names them), and those "
+                             "without patches count as unusable")
     parser.add_argument("--splits", type=Path, help="folder of splits_{k}.csv (columns train, val); "
                                                     "default: generate stratified folds")
     parser.add_argument("--n-folds", type=int, default=5, help="folds to generate (default 5)")
@@ -104,8 +108,9 @@ def cli(argv: list[str] | None = None) -> int:
     covariates = [c.strip() for c in args.clinical_covariates.split(",") if c.strip()]
     if args.n_bins < 1:
         raise InputError("--n-bins", f"must be at least 1, got {args.n_bins}")
-    if args.tiles_dir is not None and not args.tiles_dir.is_dir():
-        raise InputError(args.tiles_dir, "tiles folder not found")
+    for folder, what in ((args.tiles_dir, "tiles"), (args.features_dir, "feature store")):
+        if folder is not None and not folder.is_dir():
+            raise InputError(folder, f"{what} folder not found")
 
     tables = read_omics(args.omics, include_silent=args.include_silent_mutations)
     if args.slides is not None:
@@ -114,7 +119,7 @@ def cli(argv: list[str] | None = None) -> int:
         stems, source = read_slide_list(args.slide_list), str(args.slide_list)
     else:
         stems, source = None, "slides"
-    manifest, info = build_manifest(tables, stems, source, args.tiles_dir)
+    manifest, info = build_manifest(tables, stems, source, args.tiles_dir, args.features_dir)
     features = build_features(tables, manifest, covariates)
 
     if args.splits is not None:

@@ -10,7 +10,7 @@ A slide counts towards ``has_wsi`` only when it is usable: its file is present (
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,24 @@ def tiles_status(stems: Iterable[str], tiles_dir: str | Path) -> dict[str, str |
     return status
 
 
+def stores_status(stems: Iterable[str], features_dir: str | Path) -> dict[str, str | None]:
+    """Per slide stem: None when the feature store ``features_dir/{stem}.zarr`` has patches, else the
+    reason it has not (for features made elsewhere and imported, which have no tiles file)."""
+    from preprocessing.features.store import open_store, store_attrs
+
+    status: dict[str, str | None] = {}
+    for stem in stems:
+        path = Path(features_dir) / f"{stem}.zarr"
+        try:
+            n = open_store(path).n
+        except InputError as err:
+            status[stem] = "no feature store" if not path.exists() else err.reason
+            continue
+        failed = store_attrs(path).get("failed")
+        status[stem] = f"failed: {failed}" if failed else (None if n else "no patches")
+    return status
+
+
 def _slides_by_patient(stems: Sequence[str], source: str) -> dict[str, list[str]]:
     bad = [s for s in stems if slide_patient(s) is None]
     if bad:
@@ -108,11 +126,13 @@ def build_manifest(
     slide_stems: Sequence[str] | None = None,
     slide_source: str = "slides",
     tiles_dir: str | Path | None = None,
+    features_dir: str | Path | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One row per patient with survival: labels, usable slides, modality flags; plus counts for the summary.
 
-    ``slide_stems``: the slides present (None: none given; then the tiles folder's files are used
-    when ``tiles_dir`` is given). Returns (manifest sorted by patient, info dict).
+    ``slide_stems``: the slides present (None: none given; then the files of the tiles folder, or of
+    ``features_dir`` (feature stores) when there are no tiles, are used). A slide is usable when its
+    tiles file, or else its feature store, has patches. Returns (manifest sorted by patient, info dict).
     """
     clinical = tables.clinical
     patients = list(clinical.index)
@@ -121,11 +141,15 @@ def build_manifest(
     if slide_stems is None and tiles_dir is not None:
         slide_stems = sorted(p.stem for p in Path(tiles_dir).glob("*.parquet") if not p.name.startswith("."))
         slide_source = str(tiles_dir)
+    elif slide_stems is None and features_dir is not None:
+        slide_stems = sorted(p.stem for p in Path(features_dir).glob("*.zarr") if not p.name.startswith("."))
+        slide_source = str(features_dir)
     info: dict[str, Any] = {"slides_given": slide_stems is not None}
     by_patient: dict[str, list[str]] = {}
     status: dict[str, str | None] = {}
     if slide_stems is not None:
-        by_patient, status = _match_slides(slide_stems, slide_source, patients, tiles_dir, info)
+        usable = (tiles_status, tiles_dir) if tiles_dir is not None else (stores_status, features_dir)
+        by_patient, status = _match_slides(slide_stems, slide_source, patients, usable, info)
     manifest = _manifest_rows(tables, by_patient, status)
     _count_slides(tables, manifest, by_patient, slide_stems is not None, info)
     info["omic_patients_without_survival"] = {
@@ -152,19 +176,22 @@ def _check_omics_overlap(tables: CohortTables, patients: list[str]) -> None:
 
 
 def _match_slides(
-    slide_stems: Sequence[str], slide_source: str, patients: list[str], tiles_dir: str | Path | None,
+    slide_stems: Sequence[str], slide_source: str, patients: list[str],
+    usable: tuple[Callable[[Iterable[str], Any], dict[str, str | None]], str | Path | None],
     info: dict[str, Any],
 ) -> tuple[dict[str, list[str]], dict[str, str | None]]:
-    """(patient -> slide stems, slide stem -> why it is unusable or None); slides of patients without
-    survival are logged and listed in ``info``."""
+    """(patient -> slide stems, slide stem -> why it is unusable or None); ``usable``: the status
+    function and its folder (tiles or stores; no folder: every slide is usable). Slides of patients
+    without survival are logged and listed in ``info``."""
     known = set(patients)
     by_patient = _slides_by_patient(slide_stems, slide_source)
     if by_patient and not known & set(by_patient):
         raise InputError(slide_source, f"no slide belongs to a patient of the clinical table "
                                        f"(e.g. {next(iter(by_patient))}; clinical e.g. {patients[0]})")
     status: dict[str, str | None] = {}
-    if tiles_dir is not None:
-        status = tiles_status([s for p in by_patient if p in known for s in by_patient[p]], tiles_dir)
+    status_of, folder = usable
+    if folder is not None:
+        status = status_of([s for p in by_patient if p in known for s in by_patient[p]], folder)
     status.update(_normal_tissue_slides(slide_stems))
     orphans = sorted(s for p, stems in by_patient.items() if p not in known for s in stems)
     if orphans:

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -36,7 +37,6 @@ OUTDIR = os.path.normpath(config["outdir"])
 # The first encoder's tiles decide which slides the omics step counts as usable, and its HEALNet is
 # the one the report draws.
 ENCODERS = configured_encoders(config["extract"])
-PRIMARY_ENCODER = ENCODERS[0]
 ENCODER_WEIGHTS = {e: encoder_weights(config["extract"], e) for e in ENCODERS}
 
 
@@ -51,6 +51,31 @@ def cohort_config(cohort):
 
 def is_demo(cohort):
     return bool(cohort_config(cohort).get("demo", False))
+
+
+def imported(cohort):
+    """The cohort's `features:` entry (CLAM or TRIDENT files imported instead of extracting), or None."""
+    return cohort_config(cohort).get("features")
+
+
+def cohort_encoders(cohort):
+    """The encoders of a cohort's feature stores: the imported files' encoder, else the configured ones."""
+    return [imported(cohort)["encoder"]] if imported(cohort) else ENCODERS
+
+
+def primary_encoder(cohort):
+    return cohort_encoders(cohort)[0]
+
+
+def name_pattern(names):
+    """A wildcard pattern that matches exactly these names (none: nothing)."""
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+# Cohorts whose stores are imported (rule import_features) and those whose slides are tiled and
+# extracted: rule-level wildcard constraints keep the two ways of making a store apart.
+IMPORTED_COHORTS = [c for c in config["cohorts"] if imported(c)]
+EXTRACTED_COHORTS = [c for c in config["cohorts"] if not imported(c)]
 
 
 def slides_dir(cohort):
@@ -81,6 +106,11 @@ def cohort_slides(cohort):
     for 1,000 slides). Callers must not modify the returned dict.
     """
     folder = slides_dir(cohort)
+    if imported(cohort):
+        source = Path(imported(cohort)["path"])
+        if not source.is_dir():
+            raise ValueError(f"cohort {cohort}, features path {source}: not a folder")
+        return {p.stem: str(p) for p in sorted(source.glob("*.h5"))}
     if is_demo(cohort):
         from preprocessing.demo.cohort import slide_files
 
@@ -112,11 +142,15 @@ def fold_ids(cohort):
 
 
 @functools.cache
+def has_slides(cohort):
+    return is_demo(cohort) or bool(cohort_config(cohort).get("slides")) or bool(imported(cohort))
+
+
+@functools.cache
 def cohort_models(cohort):
     """The configured models that can run on this cohort (no WSI-only model without slides: those
     are skipped, and Snakemake says so once when it starts). Callers must not modify the list."""
-    has_slides = is_demo(cohort) or bool(cohort_config(cohort).get("slides"))
-    skipped = [m for m in config["models"] if not has_slides and m in WSI_ONLY_MODELS]
+    skipped = [m for m in config["models"] if not has_slides(cohort) and m in WSI_ONLY_MODELS]
     if skipped:
         print(f"cohort {cohort} has no slides: {', '.join(skipped)} (slides only) is not trained for it",
               file=sys.stderr)
@@ -129,11 +163,15 @@ def geometry_of(encoder):
     return tiles_geometry(config, encoder)
 
 
-def tiles_dir(cohort, encoder=PRIMARY_ENCODER):
-    return out(f"tiles/{cohort}/{geometry_of(encoder)}")
+def tiles_dir(cohort, encoder=None):
+    """The tiles folder of ``encoder`` (default: the cohort's primary one)."""
+    return out(f"tiles/{cohort}/{geometry_of(encoder or primary_encoder(cohort))}")
 
 
-def tiles_of(cohort, encoder=PRIMARY_ENCODER):
+def tiles_of(cohort, encoder=None):
+    """The tiles files of a cohort's slides (none for imported features, which have no tiling)."""
+    if imported(cohort):
+        return []
     return [f"{tiles_dir(cohort, encoder)}/{s}.parquet" for s in cohort_slides(cohort)]
 
 
@@ -149,9 +187,8 @@ def reads_slides(model):
 def cohort_runs(cohort):
     """(encoder, model) of every run of a cohort: each model that reads slides on each encoder's
     features, the others (and every model of a cohort without slides) under `none`."""
-    has_slides = is_demo(cohort) or bool(cohort_config(cohort).get("slides"))
     return [(e, m) for m in cohort_models(cohort)
-            for e in (ENCODERS if has_slides and reads_slides(m) else [NO_ENCODER])]
+            for e in (cohort_encoders(cohort) if has_slides(cohort) and reads_slides(m) else [NO_ENCODER])]
 
 
 def run_names(cohort):
@@ -171,7 +208,7 @@ def final_outputs():
         targets += [out(f"results/{cohort}/summary.{ext}") for ext in ("md", "csv", "html")]
         targets += [out(f"results/{cohort}/figures/{f}") for f in REPORT_FIGURES]
         targets += [out(f"results/{cohort}/failed_slides.csv")]
-        for encoder in ENCODERS:
+        for encoder in cohort_encoders(cohort):
             targets += tiles_of(cohort, encoder) + stores_of(cohort, encoder)
         targets += checkpoints_of(cohort, cohort_runs(cohort))
     return list(dict.fromkeys(targets))  # encoders with the same geometry share their tiles
@@ -206,7 +243,8 @@ def omics_inputs(wildcards):
     """The omics step reads the tiles (which slides are usable), the cohort's tables and its split
     files: all inputs, so that a corrected table or split file reruns it and what follows."""
     c = wildcards.cohort
-    inputs = {"tiles": tiles_of(c)}  # the first encoder's (see PRIMARY_ENCODER)
+    # which slides are usable: the primary encoder's tiles, or the imported stores
+    inputs = {"tiles": tiles_of(c), "stores": stores_of(c, primary_encoder(c)) if imported(c) else []}
     if is_demo(c):
         inputs["plan"] = out(f"data/{c}/cohort.json")
         return inputs
@@ -220,7 +258,9 @@ def omics_inputs(wildcards):
 def omics_args(wildcards):
     c = wildcards.cohort
     args = [f"--omics {shlex.quote(str(omics_source(c)))}"]
-    if slides_dir(c):
+    if imported(c):
+        args.append(f"--features-dir {shlex.quote(out(f'features/{c}/{primary_encoder(c)}'))}")
+    elif slides_dir(c):
         tiles = shlex.quote(tiles_dir(c))
         args.append(f"--slides {shlex.quote(str(slides_dir(c)))} --tiles-dir {tiles}")
     if cohort_config(c).get("splits"):
@@ -284,7 +324,7 @@ def report_inputs(wildcards):
         "checkpoints": checkpoints_of(c, cohort_runs(c)),
         "manifest": out(f"omics/{c}/manifest.parquet"),
         "tiles": tiles_of(c),
-        "stores": stores_of(c, PRIMARY_ENCODER),
+        "stores": stores_of(c, primary_encoder(c)),
     }
 
 

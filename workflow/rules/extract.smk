@@ -31,6 +31,8 @@ rule encoder:
 
 
 rule extract:
+    wildcard_constraints:
+        cohort=name_pattern(EXTRACTED_COHORTS),
     input:
         slide=slide_path,
         tiles=lambda wc: out(f"tiles/{wc.cohort}/{geometry_of(wc.encoder)}/{wc.slide}.parquet"),
@@ -71,3 +73,33 @@ rule extract:
         " --device {params.device} --dtype {params.dtype} --max-bad-patch-fraction {params.max_bad}"
         " --batch-size {resources.patches_per_batch} --workers {resources.readers}"
         " --threads {threads} --on-slide-error {resources.on_slide_error} > {log:q} 2>&1"
+
+
+# One job per slide of a cohort with `features: {format, path, encoder}`: a CLAM or TRIDENT .h5 file
+# turned into the store extraction would have written, so training, evaluation and the report run on
+# it unchanged. Such a cohort has no tiling or extraction; its stores' rows decide its usable slides.
+rule import_features:
+    wildcard_constraints:
+        cohort=name_pattern(IMPORTED_COHORTS),
+    input:
+        h5=slide_path,
+    output:
+        store=directory(out("features/{cohort}/{encoder}/{slide}.zarr")),
+    log:
+        out("logs/import_features/{cohort}/{encoder}/{slide}.log"),
+    benchmark:
+        out("benchmarks/import_features/{cohort}/{encoder}/{slide}.tsv")
+    params:
+        healnet=HEALNET,
+        folder=out("features/{cohort}/{encoder}"),
+        format=lambda wc: imported(wc.cohort)["format"],
+        slides=lambda wc: optional_flag("--slides", slides_dir(wc.cohort)),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/slides.yaml"
+    shell:
+        "{params.healnet} import-features --format {params.format} {input.h5:q} -o {params.folder:q}"
+        " --encoder {wildcards.encoder} {params.slides} > {log:q} 2>&1"
