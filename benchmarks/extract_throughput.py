@@ -44,6 +44,7 @@ from preprocessing.features.encoders import Encoder, build_encoder
 from preprocessing.features.extract import extract_slide
 from preprocessing.features.patch_transforms import Normalise
 from preprocessing.features.patches import PatchDataset, make_loader, single_threaded_opencv
+from preprocessing.features.registry import patch_geometry
 from preprocessing.features.runner import FeatureRunner, usable_cores
 from preprocessing.tiling.tiles import read_tiles, write_tiles
 
@@ -80,8 +81,10 @@ def synthetic_slide(path: Path = SYNTHETIC, side: int = 20000) -> Path:
         return write_aperio_svs(path, side, side * 3 // 4, render, mpp=0.25, app_mag=40)
 
 
-def make_tiles(slide: Path, dest: Path, max_patches: int, repeats: int = 1) -> Path:
-    """Tiles of ``slide`` (at most ``max_patches``, evenly spread, then listed ``repeats`` times) -> ``dest``.
+def make_tiles(slide: Path, dest: Path, max_patches: int, repeats: int = 1,
+               geometry: tuple[int, float] = (256, 0.5)) -> Path:
+    """Tiles of ``slide`` (at most ``max_patches``, evenly spread, then listed ``repeats`` times) -> ``dest``,
+    cut at ``geometry`` (patch px, µm per px; the encoder's, as the workflow tiles for it).
 
     Repeating the list lets a small slide keep a GPU busy long enough to time; every listed patch is
     still read and decoded (OpenSlide's small tile cache cannot hold a whole pass over the slide).
@@ -89,19 +92,19 @@ def make_tiles(slide: Path, dest: Path, max_patches: int, repeats: int = 1) -> P
     try:
         from preprocessing.tiling.tile import tile_slide
 
-        result = tile_slide(slide, qc=False)
+        result = tile_slide(slide, patch_size=geometry[0], target_mpp=geometry[1], qc=False)
         frame, meta = result.tiles, result.meta
     except ImportError:
         with openslide.OpenSlide(str(slide)) as handle:
             mpp = float(handle.properties[openslide.PROPERTY_NAME_MPP_X])
-            size0 = round(256 * 0.5 / mpp)
-            level = handle.get_best_level_for_downsample(size0 / 256)
+            size0 = round(geometry[0] * geometry[1] / mpp)
+            level = handle.get_best_level_for_downsample(size0 / geometry[0])
             downsample = float(handle.level_downsamples[level])
             width, height = handle.dimensions
         xs, ys = np.meshgrid(np.arange(0, width - size0 + 1, size0), np.arange(0, height - size0 + 1, size0))
         frame = pd.DataFrame({"x": xs.ravel(), "y": ys.ravel(), "tissue_fraction": 1.0})
         meta = {"slide": slide.stem, "level": int(level), "downsample": downsample,
-                "patch_size_level0": size0, "patch_size": 256, "target_mpp": 0.5, "mpp": mpp,
+                "patch_size_level0": size0, "patch_size": geometry[0], "target_mpp": geometry[1], "mpp": mpp,
                 "mpp_source": "openslide"}
     if len(frame) > max_patches:
         keep = np.linspace(0, len(frame) - 1, max_patches).round().astype(int)
@@ -142,7 +145,8 @@ def model_only_rate(runner: FeatureRunner, encoder: Encoder, batch_size: int, n_
 
 def measure(slide: Path, encoder: Encoder, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     """a, b, c and the ratio for one slide."""
-    tiles = make_tiles(slide, workdir / f"{slide.stem}.parquet", args.max_patches, args.tile_repeats)
+    tiles = make_tiles(slide, workdir / f"{slide.stem}.parquet", args.max_patches, args.tile_repeats,
+                       patch_geometry(encoder.name))
     frame, meta = read_tiles(tiles)
     coords = frame[["x", "y"]].to_numpy(np.int64)
     device = resolve_device(args.device)
