@@ -10,7 +10,7 @@ attributes that say how they were made), which appears under its final name only
         [--weights FILE] [--allow-random-weights] [--encoder-file FROZEN.pt] [--batch-size 64]
         [--device auto|cpu|cuda] [--dtype float16|float32] [--workers 1|auto] [--threads N]
         [--max-bad-patch-fraction 0.01] [--stain-norm macenko|vahadane|reinhard --stain-reference IMAGE]
-        [--on-slide-error fail|record]
+        [--on-slide-error fail|record] [--reader auto|tiles|openslide]
 
 An existing complete store made from the same tiles (coordinates, level, patch size) with the same
 encoder, weights, dtype and stain normalisation is kept (the command says so and exits 0). Zero
@@ -18,6 +18,8 @@ tiles, or a tiles file marked ``failed``, give a valid empty store (``failed`` c
 attributes). Patches whose pixels cannot be decoded are left out and listed in ``bad_patches``; more
 than ``--max-bad-patch-fraction`` of them, or any non-finite feature, fail the slide: an error, or
 with ``--on-slide-error record`` an empty store whose ``failed`` attribute gives the reason.
+``--reader`` picks how patches are read (:mod:`preprocessing.features.patches`); the ``reader``
+attribute records the reader that served the slide and how many patches fell back to OpenSlide.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ from preprocessing.features.encoders import (
 from preprocessing.features.patch_transforms import STAIN_METHODS, StainNormaliser
 from preprocessing.features.patches import (
     BAD,
+    FELL_BACK,
+    READERS,
     STAIN_SKIPPED,
     PatchDataset,
     make_loader,
@@ -162,6 +166,8 @@ class _LoopResult:
     bad: list[int]  # tile indices whose pixels could not be decoded
     stain_unchanged: int
     seconds: float
+    fell_back: int = 0  # patches read by OpenSlide because a tile could not be decoded
+    reader: dict[str, Any] = field(default_factory=dict)  # PatchDataset.describe_reader()
 
 
 def _embed_patches(dataset: PatchDataset, runner: FeatureRunner, writer: RowWriter, *, slide: Path,
@@ -196,7 +202,8 @@ def _embed_patches(dataset: PatchDataset, runner: FeatureRunner, writer: RowWrit
         for images, indices, status in batches:
             status_np, indices_np = status.numpy(), indices.numpy()
             good = status_np != BAD
-            result.stain_unchanged += int((status_np == STAIN_SKIPPED).sum())
+            result.stain_unchanged += int(((status_np & STAIN_SKIPPED) != 0).sum())
+            result.fell_back += int(((status_np & FELL_BACK) != 0).sum())
             if not good.all():
                 result.bad.extend(int(i) for i in indices_np[~good])
                 if len(result.bad) > max_bad:
@@ -224,7 +231,7 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
                   dtype: str = "float16", workers: int | str = 1, threads: int | None = None,
                   max_bad_patch_fraction: float = 0.01, stain_norm: str | None = None,
                   stain_reference: str | Path | None = None, progress: bool = True,
-                  on_slide_error: str = "fail") -> ExtractResult:
+                  on_slide_error: str = "fail", reader: str = "auto") -> ExtractResult:
     """Embed every patch listed in ``tiles`` and write the store ``out``; see the module docstring.
 
     ``encoder`` is a name (built here with ``weights``/``allow_random_weights``) or a built
@@ -234,9 +241,12 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
     patches cannot be embedded (file gone or unreadable, too many undecodable patches) gets a
     complete store without patches whose ``failed`` attribute says why, so that its patient counts
     as having no slide and the cohort's other jobs go on, as tiling does for unreadable slides.
+    ``reader``: ``auto``, ``tiles`` or ``openslide`` (see :class:`PatchDataset`).
     """
     if on_slide_error not in {"fail", "record"}:
         raise InputError("--on-slide-error", f"must be fail or record, got {on_slide_error!r}")
+    if reader not in READERS:
+        raise InputError("--reader", f"must be one of {', '.join(READERS)}, got {reader!r}")
     slide, tiles, out = Path(slide), Path(tiles), Path(out)
     _check_arguments(batch_size, dtype, max_bad_patch_fraction, stain_norm, stain_reference)
     torch_device = resolve_device(device)
@@ -252,7 +262,8 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
     enc = _encoder(encoder, encoder_file, weights, allow_random_weights, torch_device)
     stain = StainNormaliser(stain_norm, stain_reference) if stain_norm else None
     readers = reader_processes(len(coords), batch_size, workers)
-    plan = _Plan(slide, enc, stain, torch_device, batch_size, readers, max_bad_patch_fraction, progress)
+    plan = _Plan(slide, enc, stain, torch_device, batch_size, readers, max_bad_patch_fraction, progress,
+                 reader)
     attrs = _describe(plan, dtype, tiles, coords, meta)
 
     make_parent(out)
@@ -320,6 +331,7 @@ class _Plan:
     workers: int
     max_bad_patch_fraction: float
     progress: bool
+    reader: str = "auto"
 
 
 def _describe(plan: _Plan, dtype: str, tiles: Path, coords: np.ndarray,
@@ -365,6 +377,9 @@ def _write_store(out: Path, plan: _Plan, coords: np.ndarray, attrs: dict[str, An
         if loop.bad:
             log.warning("%s: %d of %d patches could not be decoded and are left out (first at x=%d, y=%d)",
                         slide.name, len(loop.bad), len(coords), *coords[loop.bad[0]])
+        if loop.fell_back:
+            log.warning("%s: %d patches read with OpenSlide: their JPEG tiles could not be decoded",
+                        slide.name, loop.fell_back)
         if loop.stain_unchanged:
             log.warning("%s: stain normalisation left %d patches unchanged (no stain found)",
                         slide.name, loop.stain_unchanged)
@@ -372,6 +387,8 @@ def _write_store(out: Path, plan: _Plan, coords: np.ndarray, attrs: dict[str, An
             "stain_norm_unchanged_patches": loop.stain_unchanged if plan.stain else None,
             "n_patches": len(kept_coords),
             "bad_patches": {"count": len(loop.bad), "locations": coords[loop.bad].tolist()},
+            "reader": {**(loop.reader or {"requested": plan.reader, "name": None}),
+                       "fallback_patches": loop.fell_back},
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         })
         store.finish(kept_coords, attrs)
@@ -386,12 +403,13 @@ def _embed_slide(plan: _Plan, coords: np.ndarray, level: int, read_size: int, ro
     """Embed every patch at ``coords`` into ``rows`` (closed here) with the plan's encoder and readers."""
     enc = plan.enc
     dataset = PatchDataset(plan.slide, coords, level, read_size, enc.input_size, enc.interpolation,
-                           plan.stain)
+                           plan.stain, plan.reader)
     pad_to = plan.batch_size if plan.device.type == "cuda" else None  # one batch shape on a GPU
     runner = FeatureRunner(enc, plan.device, pad_to=pad_to)
     loop = _embed_patches(dataset, runner, rows, slide=plan.slide, batch_size=plan.batch_size,
                           workers=plan.workers, max_bad_patch_fraction=plan.max_bad_patch_fraction,
                           progress=plan.progress)
+    loop.reader = dataset.describe_reader()
     n_written = rows.close()
     if n_written != int(loop.kept.sum()):
         raise RuntimeError(f"{plan.slide}: {n_written} feature rows for {int(loop.kept.sum())} patches")
@@ -430,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--on-slide-error", choices=["fail", "record"], default="fail",
                         help="record: a slide whose patches cannot be read gets a store without patches "
                              "that says why (its patient then has no slide), and the exit status is 0")
+    parser.add_argument("--reader", choices=READERS, default="auto",
+                        help="how patches are read: tiles (each JPEG tile decoded once, at the scale "
+                             "needed), openslide (read_region), auto (tiles where the slide allows)")
     return parser
 
 
@@ -442,7 +463,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
                   device=args.device, dtype=args.dtype, workers=args.workers, threads=args.threads,
                   max_bad_patch_fraction=args.max_bad_patch_fraction, stain_norm=args.stain_norm,
                   stain_reference=args.stain_reference, progress=not args.no_progress,
-                  on_slide_error=args.on_slide_error)
+                  on_slide_error=args.on_slide_error, reader=args.reader)
     return 0
 
 

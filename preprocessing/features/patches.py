@@ -1,8 +1,12 @@
 """Reading the patches of one slide for the encoder: a torch Dataset and its DataLoader.
 
-Each reader process opens its own OpenSlide handle; patches come back as uint8 (H, W, 3) tensors at
-the encoder's input size, in tile order, with a status per patch (``OK``, ``BAD`` when its pixels
-cannot be decoded, ``STAIN_SKIPPED`` when stain normalisation found no stain).
+Patches come back as uint8 (H, W, 3) tensors at the encoder's input size, in tile order, with a
+status per patch: ``OK``, ``BAD`` when its pixels cannot be decoded, and the flags ``STAIN_SKIPPED``
+(stain normalisation found no stain) and ``FELL_BACK`` (a damaged tile made the tile reader hand the
+patch to OpenSlide). The reader (``auto``, ``tiles``, ``openslide``): ``tiles`` decodes the slide's
+JPEG tiles once each at the resolution the encoder needs (:mod:`preprocessing.slides.jpeg_tiles`);
+``auto`` uses it where the slide allows and OpenSlide elsewhere. Each reader process opens its own
+file handles.
 """
 
 from __future__ import annotations
@@ -19,23 +23,33 @@ import openslide
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from preprocessing.core.errors import InputError
 from preprocessing.features.patch_transforms import StainNormaliser, resize_patch, rgba_to_rgb
+from preprocessing.slides.jpeg_tiles import Layout, TileError, TileReader, plan_read, probe
 
-#: per-patch status returned by the loader
-OK, BAD, STAIN_SKIPPED = 0, 1, 2
+#: per-patch status: BAD alone, or OK (0) with the flags STAIN_SKIPPED and FELL_BACK
+OK, BAD, STAIN_SKIPPED, FELL_BACK = 0, 1, 2, 4
+#: how a slide's patches are read (``--reader``)
+READERS = ("auto", "tiles", "openslide")
 
 
 class PatchDataset(Dataset):
     """Patches of one slide as uint8 (H, W, 3) tensors at the encoder's input size.
 
-    Each process opens its own OpenSlide handle on first use (handles must not cross a fork). A
-    patch whose pixels cannot be decoded comes back blank with status ``BAD``; the handle is then
-    reopened, since OpenSlide refuses all further reads on a handle after an error.
+    ``reader``: ``auto`` reads the JPEG tiles where :func:`preprocessing.slides.jpeg_tiles.probe`
+    accepts the slide, else OpenSlide; ``tiles`` insists on the tiles (an InputError when the slide
+    cannot be read so); ``openslide`` always uses ``read_region``. Each process opens its own handles
+    on first use (handles must not cross a fork). A tile that cannot be decoded sends its patch to
+    OpenSlide (status flag ``FELL_BACK``); a patch OpenSlide cannot decode either comes back blank
+    with status ``BAD``, and the OpenSlide handle is reopened, since it refuses all further reads
+    after an error.
     """
 
     def __init__(self, slide: str | Path, coords: np.ndarray, level: int, read_size: int,
                  out_size: tuple[int, int], interpolation: str = "bicubic",
-                 stain: StainNormaliser | None = None) -> None:
+                 stain: StainNormaliser | None = None, reader: str = "auto") -> None:
+        if reader not in READERS:
+            raise InputError("--reader", f"unknown reader {reader!r}: use {', '.join(READERS)}")
         self.slide = str(slide)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.level = int(level)
@@ -43,8 +57,43 @@ class PatchDataset(Dataset):
         self.out_size = (int(out_size[0]), int(out_size[1]))
         self.interpolation = interpolation
         self.stain = stain
+        self.reader_asked = reader
         self._handle: openslide.OpenSlide | None = None
         self._pid: int | None = None
+        self._tiles: TileReader | None = None
+        self._extent = 0.0  # level-0 px a patch covers
+        self.why_openslide = "asked for" if reader == "openslide" else ""
+        if reader != "openslide":
+            self._use_tiles(reader)
+
+    def _use_tiles(self, reader: str) -> None:
+        layout = probe(self.slide)
+        plan = plan_read(layout, self.level, self.read_size, self.out_size) if isinstance(layout, Layout) \
+            else layout
+        if isinstance(plan, str):
+            if reader == "tiles":
+                raise InputError(self.slide, f"cannot read its JPEG tiles (--reader tiles): {plan}")
+            self.why_openslide = plan
+            return
+        assert isinstance(layout, Layout)
+        page = layout.pages[self.level]
+        assert not isinstance(page, str)
+        self._extent = self.read_size * page.downsample
+        self._tiles = TileReader(layout, plan, self.coords, self._extent)
+
+    @property
+    def reader(self) -> str:
+        """The reader that serves this slide: ``tiles`` or ``openslide``."""
+        return "tiles" if self._tiles is not None else "openslide"
+
+    def describe_reader(self) -> dict[str, Any]:
+        """JSON-ready: the reader asked for, the one used, and how (or why not the tiles)."""
+        described: dict[str, Any] = {"requested": self.reader_asked, "name": self.reader}
+        if self._tiles is not None:
+            described.update(self._tiles.plan.describe())
+        else:
+            described["why"] = self.why_openslide
+        return described
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -60,20 +109,34 @@ class PatchDataset(Dataset):
             self._handle.close()
         self._handle = None
 
-    def read(self, index: int) -> tuple[np.ndarray, int]:
-        """One patch as uint8 RGB at the output size, and its status."""
-        x, y = (int(v) for v in self.coords[index])
+    def _openslide_region(self, x: int, y: int) -> np.ndarray | None:
+        """The patch's pixels from OpenSlide (RGB, transparent areas white); None if undecodable."""
         try:
             region = self._slide().read_region((x, y), self.level, (self.read_size, self.read_size))
         except openslide.OpenSlideError:
             self._reset()
-            return np.full((*self.out_size, 3), 255, np.uint8), BAD
-        rgb = resize_patch(rgba_to_rgb(np.asarray(region)), self.out_size, self.interpolation)
+            return None
+        return rgba_to_rgb(np.asarray(region))
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """One patch as uint8 RGB at the output size, and its status."""
+        x, y = (int(v) for v in self.coords[index])
+        status, region = OK, None
+        if self._tiles is not None:
+            try:
+                region = self._tiles.region(x, y, self._extent, max(self.out_size))
+            except TileError:
+                status = FELL_BACK
+        if region is None:
+            region = self._openslide_region(x, y)
+            if region is None:
+                return np.full((*self.out_size, 3), 255, np.uint8), BAD
+        rgb = resize_patch(region, self.out_size, self.interpolation)
         if self.stain is not None:
             rgb, normalised = self.stain(rgb)
             if not normalised:
-                return rgb, STAIN_SKIPPED
-        return rgb, OK
+                return rgb, status | STAIN_SKIPPED
+        return rgb, status
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         rgb, status = self.read(index)

@@ -49,6 +49,8 @@ rule extract:
         device=config["extract"]["device"],
         dtype=config["extract"]["dtype"],
         max_bad=config["extract"]["max_bad_patch_fraction"],
+        # a param: the two readers' pixels differ slightly (DCT-scaled decoding), so switching re-extracts
+        reader=config["extract"]["reader"],
         options=lambda wc: " ".join(
             [
                 optional_flag("--weights", ENCODER_WEIGHTS.get(wc.encoder)),
@@ -72,7 +74,8 @@ rule extract:
         " --encoder {wildcards.encoder} --encoder-file {input.encoder:q} {params.options}"
         " --device {params.device} --dtype {params.dtype} --max-bad-patch-fraction {params.max_bad}"
         " --batch-size {resources.patches_per_batch} --workers {resources.readers}"
-        " --threads {threads} --on-slide-error {resources.on_slide_error} > {log:q} 2>&1"
+        " --threads {threads} --on-slide-error {resources.on_slide_error} --reader {params.reader}"
+        " > {log:q} 2>&1"
 
 
 # One job per slide of a cohort with `features: {format, path, encoder}`: a CLAM or TRIDENT .h5 file
