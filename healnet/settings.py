@@ -45,6 +45,8 @@ class TrainingSettings:
     omic_select_by: str
     baseline_hidden: int
     baseline_dropout: float
+    cox_penalty: float
+    cox_components: int
     seed: int
 
 

@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_whole_dag_runs_and_second_run_does_nothing(tiny_run: Path) -> None:
     out = tiny_run / OUT
     summary = pd.read_csv(out / "results/TINY/summary.csv")
-    assert {"healnet", "snn", "abmil", "perceiver", "late_fusion"} <= set(summary["model"])
+    assert {"healnet", "snn", "abmil", "perceiver", "late_fusion", "coxph"} <= set(summary["model"])
     assert summary["c_index_mean"].between(0, 1).all()
     assert (out / "results/TINY/summary.md").read_text().count("|") > 10
     assert (out / "results/TINY/summary.html").read_text(encoding="utf-8").count("<tr") > 5
@@ -207,12 +207,12 @@ def test_run_settings_rerun_nothing_but_a_training_setting_retrains(tiny_run: Pa
     assert jobs["train"] == "15" and "extract" not in jobs
     assert job_counts(shape.stdout)["train"] == "6" and "model=snn" not in shape.stdout
     assert job_counts(dropout.stdout)["train"] == "9" and "model=abmil" not in dropout.stdout
-    assert job_counts(bins.stdout)["train"] == "15"
+    assert job_counts(bins.stdout)["train"] == "18"
     assert reordered.returncode == 0, reordered.stderr[-3000:]
     assert "Nothing to be done" in reordered.stdout + reordered.stderr, job_counts(reordered.stdout)
     assert job_counts(widths.stdout)["train"] == "9"  # snn, abmil, late_fusion
     assert "model=healnet" not in widths.stdout and "model=perceiver" not in widths.stdout
-    assert job_counts(screen.stdout)["train"] == "12" and "model=abmil" not in screen.stdout
+    assert job_counts(screen.stdout)["train"] == "15" and "model=abmil" not in screen.stdout
     assert job_counts(patches.stdout)["train"] == "12" and "model=snn" not in patches.stdout
 
 

@@ -5,6 +5,7 @@
 - ``abmil``: gated attention MIL over WSI patch features (Ilse et al. 2018).
 - ``perceiver``: early fusion: WSI patch tokens and omic tokens projected to one dim, tagged with a
   modality embedding, concatenated, and read by ONE shared cross-attention per layer.
+- ``coxph``: a ridge-penalised linear Cox model (:mod:`healnet.models.coxph`), fitted in closed form.
 - ``late_fusion``: the SNN and ABMIL above, their hazard logits combined by a learned linear layer
   (initialised to the average) when both modalities are present, else the available branch alone.
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from healnet.modalities import MODEL_MODALITIES, READS_HEALNET_SETTINGS
+from healnet.models.coxph import CoxPH
 from healnet.models.ensemble import SeedEnsemble
 from healnet.models.healnet import (
     LATENT_KEYS,
@@ -314,6 +316,9 @@ def model_spec(
             n_bins=n_bins,
             omic_groups=[[str(g), int(n)] for g, n in (omic_groups or [])] or None,
         )
+    elif name == "coxph":
+        kwargs = {"wsi_dim": wsi_dim, "n_omics": n_omics, "n_bins": n_bins,
+                  "components": training.cox_components, "penalty": training.cox_penalty}
     elif name == "snn":
         kwargs = {"n_omics": n_omics, "n_bins": n_bins, **base}
     elif name == "abmil":
@@ -337,5 +342,6 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         "abmil": GatedABMIL,
         "perceiver": EarlyFusionPerceiver,
         "late_fusion": LateFusion,
+        "coxph": CoxPH,
     }
     return classes[spec["name"]](**kwargs)

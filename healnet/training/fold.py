@@ -29,12 +29,13 @@ from sklearn.model_selection import train_test_split
 from healnet.data.bags import BagDataset
 from healnet.data.checkpoints import write_checkpoint
 from healnet.evaluation.metrics import survival_knots
-from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
+from healnet.modalities import LINEAR_MODELS, MODEL_MODALITIES, MULTIMODAL
 from healnet.models.baselines import build_model, model_spec
 from healnet.models.ensemble import SeedEnsemble, fold_seed
 from healnet.models.loss import inverse_frequency_weights, survival_from_logits
 from healnet.settings import Settings, TrainingSettings
 from healnet.training.cohort import Cohort, fold_patients
+from healnet.training.linear import fit_linear
 from healnet.training.loop import train_model
 from healnet.training.memory import resident_bags
 from healnet.training.resume import UnfinishedState, training_fingerprint
@@ -274,6 +275,16 @@ def train_members(model_name: str, spec: dict[str, Any], data: FoldData, inputs:
     return Trained(SeedEnsemble(members), {**spec, "members": n_members}, history, bags_seconds)
 
 
+def fit_closed_form(spec: dict[str, Any], data: FoldData, inputs: FoldInputs, settings: Settings,
+                    device: torch.device, workers: int) -> Trained:
+    """Fit a closed-form model (:data:`healnet.modalities.LINEAR_MODELS`) on the training fold."""
+    model = build_model(spec).to(device)
+    knots = survival_knots(np.asarray(inputs.time_bins.edges_), settings.n_bins,
+                           float(inputs.times[inputs.train_rows].max()))
+    history = fit_linear(model, data.dataset, data.fit_rows, knots, device, workers)
+    return Trained(model, spec, history, None)
+
+
 def score_fold(model_name: str, trained: Trained, data: FoldData, inputs: FoldInputs,
                rows: tuple[np.ndarray, np.ndarray | None], settings: Settings, device: torch.device,
                workers: int) -> tuple[FoldResult, HeldOut]:
@@ -370,7 +381,11 @@ def run_fold(
         training=training,
     )
     rows = inner_split(data, inputs, training)
-    trained = train_members(model_name, spec, data, inputs, rows, settings, device, models_dir, workers)
+    if model_name in LINEAR_MODELS:  # fitted in closed form on the whole training fold
+        rows = (data.fit_rows, None)
+        trained = fit_closed_form(spec, data, inputs, settings, device, workers)
+    else:
+        trained = train_members(model_name, spec, data, inputs, rows, settings, device, models_dir, workers)
     result, held = score_fold(model_name, trained, data, inputs, rows, settings, device, workers)
     save_fold(models_dir, trained, data, inputs, held, cohort, settings)
     return result

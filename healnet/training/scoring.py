@@ -77,7 +77,9 @@ def all_flags(dataset: BagDataset, rows: Sequence[int]) -> Flags:
 
 
 def model_n_bins(model: torch.nn.Module) -> int:
-    """Number of hazard outputs of a model (its last Linear layer's width)."""
+    """Number of hazard outputs of a model (its ``n_bins``, or its last Linear layer's width)."""
+    if isinstance(getattr(model, "n_bins", None), int):
+        return model.n_bins
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     return last.out_features
 
