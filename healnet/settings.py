@@ -47,6 +47,8 @@ class TrainingSettings:
     baseline_dropout: float
     cox_penalty: float
     cox_components: int
+    search: dict[str, list[Any]] | None
+    search_folds: int
     seed: int
 
 

@@ -156,3 +156,25 @@ def read_fold_results(folder: Path, fold: int) -> tuple[pd.DataFrame, pd.DataFra
         if found != [fold]:
             raise InputError(path, f"holds fold(s) {found}, expected only fold {fold}")
     return metrics, predictions, log
+
+
+def search_choices(results_dir: Path, runs: list[str]) -> pd.DataFrame:
+    """What ``training.search`` chose per run and fold (from each run's ``log.json``): columns
+    ``model``, ``encoder``, ``fold``, ``chosen`` (``name=value, ...``), ``inner_c_index``; no rows when
+    no run searched. An unreadable log is skipped: evaluation does not depend on it."""
+    rows = []
+    for run in runs:
+        encoder, model = split_run(run)
+        try:
+            folds = json.loads((results_dir / run / "log.json").read_text()).get("folds", [])
+        except (OSError, ValueError):
+            continue
+        for fold in folds:
+            search = fold.get("search") if isinstance(fold, dict) else None
+            if not search:
+                continue
+            best = next((c["mean"] for c in search["candidates"] if c["setting"] == search["chosen"]), np.nan)
+            chosen = ", ".join(f"{k}={v}" for k, v in search["chosen"].items())
+            rows.append({"model": model, "encoder": encoder, "fold": fold.get("fold"), "chosen": chosen,
+                         "inner_c_index": best})
+    return pd.DataFrame(rows, columns=["model", "encoder", "fold", "chosen", "inner_c_index"])

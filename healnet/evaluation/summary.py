@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from healnet.data.results import NO_ENCODER, read_folds
+from healnet.data.results import NO_ENCODER, find_runs, read_folds, search_choices
 from healnet.evaluation.metrics import METRICS
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
 from preprocessing.core.atomic import atomic_output
@@ -175,7 +175,20 @@ def _markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]
     ]
 
 
-def to_markdown(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = None) -> str:
+SEARCH_TITLE = "Settings chosen by nested cross-validation (training.search)"
+SEARCH_HEADER = ("model", "encoder", "fold", "chosen", "mean inner c-index")
+SEARCH_NOTE = ("Chosen on each outer fold's training patients only, by the mean c-index over inner folds; "
+               "the held-out patients of that fold were not read.")
+
+
+def search_cells(row: pd.Series) -> list[str]:
+    """One chosen-settings row as texts."""
+    inner = f"{row['inner_c_index']:.3f}" if np.isfinite(row["inner_c_index"]) else "n/a"
+    return [str(row["model"]), str(row["encoder"]), str(row["fold"]), str(row["chosen"]), inner]
+
+
+def to_markdown(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = None,
+                searched: pd.DataFrame | None = None) -> str:
     """A Markdown table, mean ± std per metric, settings in a fixed order, best c-index first; then
     the fold-paired differences when there are any."""
     lines = [f"# {cohort}: cross-validated survival models", ""]
@@ -185,6 +198,10 @@ def to_markdown(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None 
         lines += ["", f"## {PAIRED_TITLE}", ""]
         lines += _markdown_table(PAIRED_HEADER, [paired_cells(r) for _, r in paired.iterrows()])
         lines += ["", PAIRED_NOTE]
+    if searched is not None and len(searched):
+        lines += ["", f"## {SEARCH_TITLE}", ""]
+        lines += _markdown_table(SEARCH_HEADER, [search_cells(r) for _, r in searched.iterrows()])
+        lines += ["", SEARCH_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -223,7 +240,8 @@ def _html_table(header: tuple[str, ...], rows: list[str], note: str) -> list[str
     ]
 
 
-def to_html(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = None) -> str:
+def to_html(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = None,
+            searched: pd.DataFrame | None = None) -> str:
     """The Markdown content as a self-contained HTML page (no scripts, no external files)."""
     numeric = [False, False, False] + [True] * (len(SUMMARY_HEADER) - 3)
     rows = []
@@ -245,6 +263,7 @@ def to_html(summary: pd.DataFrame, cohort: str, paired: pd.DataFrame | None = No
             f"<h1>{html.escape(title)}</h1>",
             *_html_table(SUMMARY_HEADER, rows, SUMMARY_NOTE),
             *_paired_html(paired),
+            *_search_html(searched),
             "</body></html>",
             "",
         ]
@@ -257,6 +276,14 @@ def _paired_html(paired: pd.DataFrame | None) -> list[str]:
     numeric = [False, False, False, True, True]
     rows = [f"<tr>{_tds(paired_cells(r), numeric)}</tr>" for _, r in paired.iterrows()]
     return [f"<h2>{html.escape(PAIRED_TITLE)}</h2>", *_html_table(PAIRED_HEADER, rows, PAIRED_NOTE)]
+
+
+def _search_html(searched: pd.DataFrame | None) -> list[str]:
+    if searched is None or not len(searched):
+        return []
+    numeric = [False, False, True, False, True]
+    rows = [f"<tr>{_tds(search_cells(r), numeric)}</tr>" for _, r in searched.iterrows()]
+    return [f"<h2>{html.escape(SEARCH_TITLE)}</h2>", *_html_table(SEARCH_HEADER, rows, SEARCH_NOTE)]
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -273,11 +300,12 @@ def cli(argv: list[str] | None = None) -> int:
     runs = [r for r in args.runs.split(",") if r] if args.runs else None
     folds = read_folds(args.results_dir, runs)
     summary, paired = summarise(folds), paired_differences(folds)
+    searched = search_choices(args.results_dir, runs or find_runs(args.results_dir, "folds.csv"))
     with atomic_output(args.output) as tmp:
         summary.to_csv(tmp, index=False)
     with atomic_output(args.output.with_suffix(".md")) as tmp:
-        tmp.write_text(to_markdown(summary, args.cohort, paired))
+        tmp.write_text(to_markdown(summary, args.cohort, paired, searched))
     with atomic_output(args.output.with_suffix(".html")) as tmp:
-        tmp.write_text(to_html(summary, args.cohort, paired), encoding="utf-8")
-    print(to_markdown(summary, args.cohort, paired))
+        tmp.write_text(to_html(summary, args.cohort, paired, searched), encoding="utf-8")
+    print(to_markdown(summary, args.cohort, paired, searched))
     return 0

@@ -21,11 +21,12 @@ import pandas as pd
 import torch
 
 from healnet.data.results import FOLD_COLUMNS, write_results
-from healnet.modalities import MODEL_MODALITIES
+from healnet.modalities import LINEAR_MODELS, MODEL_MODALITIES
 from healnet.settings import Settings
 from healnet.training.cache import decoded_feature_cache
 from healnet.training.cohort import Cohort, prepare_cohort
-from healnet.training.fold import run_fold
+from healnet.training.fold import FoldResult, run_fold
+from healnet.training.search import select_settings
 from preprocessing.core.errors import InputError
 from preprocessing.core.workers import resolve_workers
 
@@ -66,7 +67,7 @@ def run_cv(
     started = time.perf_counter()
     cache_root = cache if cohort.wsi_dim is not None else None
     with decoded_feature_cache(cache_root) as cache_dir:
-        results = [run_fold(cohort, model_name, f, settings, device, models_dir, workers, cache_dir)
+        results = [searched_fold(cohort, model_name, f, settings, device, models_dir, workers, cache_dir)
                    for f in folds]
     table = pd.DataFrame([m for r in results for m in r.metrics], columns=list(FOLD_COLUMNS))
     predictions = pd.concat([p for r in results for p in r.predictions], ignore_index=True)
@@ -75,6 +76,20 @@ def run_cv(
     record["folds"] = [r.log for r in results]
     write_results(results_dir, table, predictions, record)
     return table
+
+
+def searched_fold(cohort: Cohort, model_name: str, fold: int, settings: Settings, device: torch.device,
+                  models_dir: Path, workers: int, cache_dir: Path | None) -> FoldResult:
+    """One fold, with the settings ``training.search`` chooses on its training patients when set
+    (closed-form models have nothing to search); the choice goes into the fold's log."""
+    search = None
+    if settings.training.search and model_name not in LINEAR_MODELS:
+        settings, search = select_settings(cohort, model_name, fold, settings, device, models_dir, workers,
+                                           cache_dir)
+    result = run_fold(cohort, model_name, fold, settings, device, models_dir, workers, cache_dir)
+    if search is not None:
+        result.log["search"] = search
+    return result
 
 
 def run_log(settings: Settings, cohort_name: str, model_name: str, device: torch.device,

@@ -210,6 +210,19 @@ def fold_data(cohort: Cohort, model_name: str, inputs: FoldInputs, training: Tra
     return FoldData(omic_state, dataset, has_wsi, has_omics, fit_rows, uses_wsi, uses_omics)
 
 
+def fold_spec(model_name: str, cohort: Cohort, data: FoldData, settings: Settings) -> dict[str, Any]:
+    """The model spec of one fold: the inputs its data has, the settings' shape."""
+    return model_spec(
+        model_name,
+        n_bins=settings.n_bins,
+        wsi_dim=cohort.wsi_dim if data.uses_wsi else None,
+        n_omics=data.dataset.omics.shape[1] if data.uses_omics else None,
+        omic_groups=data.omic_state.groups if data.omic_state else None,
+        healnet=settings.healnet,
+        training=settings.training,
+    )
+
+
 def inner_split(data: FoldData, inputs: FoldInputs, training: TrainingSettings
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows trained on, inner validation rows or None): with early stopping, a seeded split of the
@@ -371,15 +384,7 @@ def run_fold(
     training = settings.training
     inputs = fold_inputs(cohort, fold, training.seed, settings.n_bins)
     data = fold_data(cohort, model_name, inputs, training, cache_dir)
-    spec = model_spec(
-        model_name,
-        n_bins=settings.n_bins,
-        wsi_dim=cohort.wsi_dim if data.uses_wsi else None,
-        n_omics=data.dataset.omics.shape[1] if data.uses_omics else None,
-        omic_groups=data.omic_state.groups if data.omic_state else None,
-        healnet=settings.healnet,
-        training=training,
-    )
+    spec = fold_spec(model_name, cohort, data, settings)
     rows = inner_split(data, inputs, training)
     if model_name in LINEAR_MODELS:  # fitted in closed form on the whole training fold
         rows = (data.fit_rows, None)
