@@ -15,6 +15,7 @@ Slides: two demo slides from output/data/DEMO/slides when present, else one synt
 present. Tiles come from preprocessing.tiling.tile when importable, else from a plain grid.
 
     .venv/bin/python benchmarks/extract_throughput.py [--max-patches 384] [--workers 1] [--threads 2]
+        [--reader auto|tiles|gpu|openslide]
     .venv/bin/python benchmarks/extract_throughput.py --encoder resnet50_trunc --device cuda \
         --dtype float16 --workers 12 --batch-size 256 --allow-random-weights
 """
@@ -43,7 +44,7 @@ from preprocessing.core.devices import resolve_device
 from preprocessing.features.encoders import Encoder, build_encoder
 from preprocessing.features.extract import extract_slide
 from preprocessing.features.patch_transforms import Normalise
-from preprocessing.features.patches import PatchDataset, make_loader, single_threaded_opencv
+from preprocessing.features.patches import READERS, PatchDataset, make_loader, single_threaded_opencv
 from preprocessing.features.registry import patch_geometry
 from preprocessing.features.runner import FeatureRunner, usable_cores
 from preprocessing.tiling.tiles import read_tiles, write_tiles
@@ -152,7 +153,8 @@ def measure(slide: Path, encoder: Encoder, args: argparse.Namespace, workdir: Pa
     device = resolve_device(args.device)
     n_threads = args.threads
     read_size = round(meta["patch_size_level0"] / meta["downsample"])
-    dataset = PatchDataset(slide, coords, meta["level"], read_size, encoder.input_size, encoder.interpolation)
+    dataset = PatchDataset(slide, coords, meta["level"], read_size, encoder.input_size, encoder.interpolation,
+                           reader=args.reader, device=device)
     runner = FeatureRunner(encoder, device)
     rates: dict[str, list[float]] = {"a": [], "b": [], "b_one_thread": [], "c": []}
     for _ in range(args.repeats):
@@ -160,7 +162,7 @@ def measure(slide: Path, encoder: Encoder, args: argparse.Namespace, workdir: Pa
         out = workdir / f"{slide.stem}.zarr"
         result = extract_slide(slide, tiles, out, encoder=encoder, batch_size=args.batch_size,
                                device=args.device, dtype=args.dtype, workers=args.workers,
-                               threads=args.threads, progress=False)
+                               threads=args.threads, progress=False, reader=args.reader)
         rates["c"].append(len(coords) / result.loop_seconds)
         shutil.rmtree(out, ignore_errors=True)
         torch.set_num_threads(n_threads)
@@ -193,6 +195,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=usable_cores(),
                         help="torch threads for the model (as `healnet extract --threads`)")
+    parser.add_argument("--reader", default="auto", choices=list(READERS),
+                        help="how patches are read (as `healnet extract --reader`; auto: gpu on CUDA)")
     parser.add_argument("--max-patches", type=int, default=384, help="patches per slide (evenly spread)")
     parser.add_argument("--tile-repeats", type=int, default=1,
                         help="list each slide's tiles this many times (keeps a GPU busy on a small slide)")
@@ -206,6 +210,7 @@ def main() -> None:
         slides.append(REAL.resolve())
     encoder = build_encoder(args.encoder, args.weights, args.allow_random_weights)
     print(f"encoder {encoder.name} ({encoder.weights_source}), device {resolve_device(args.device)}, "
+          f"reader {args.reader}, "
           f"batch {args.batch_size}, workers {args.workers}, threads {args.threads}, cores "
           f"{usable_cores()}")
     results = []

@@ -4,13 +4,17 @@ The slide is tiled with `healnet tile`'s own code (0.5 um/px, 256 px patches, it
 the patches are read, in tile order, in this one process (no reader processes), through
 :class:`preprocessing.features.patches.PatchDataset` as extraction reads them: once with
 ``--reader openslide`` and once with the reader under test (``--reader``, default ``tiles``), each
-after a warm-up on separate handles. Printed: patches/s of each, ``ratio_vs_openslide``, the mean
-absolute pixel difference of the patches (``mean_abs_diff``, 0-255), and with ``--features`` (the
-default) the default encoder's features on a sample of patches from both readers, compared by cosine
-similarity (``min_cosine``). One run; the machine's other load makes timings noisy.
+after a warm-up on separate handles. ``--reader gpu`` reads batches of ``--batch-size`` through
+:func:`preprocessing.features.patches.make_loader`, decoding on ``--decode-device`` (``cuda`` where
+available, else ``cpu``); its timing ends when the last batch is on that device, and the patches are
+copied back to the host only afterwards, for the comparison. Printed: patches/s of each,
+``ratio_vs_openslide``, the mean absolute pixel difference of the patches (``mean_abs_diff``,
+0-255), and with ``--features`` (the default) the default encoder's features on a sample of patches
+from both readers, compared by cosine similarity (``min_cosine``). One run; the machine's other
+load makes timings noisy.
 
-    .venv/bin/python benchmarks/read_throughput.py SLIDE [--reader tiles|auto] [--patches N]
-        [--sample 64] [--no-features]
+    .venv/bin/python benchmarks/read_throughput.py SLIDE [--reader tiles|auto|gpu] [--patches N]
+        [--decode-device cpu|cuda] [--batch-size 64] [--sample 64] [--no-features]
 
 SLIDE ``demo40`` writes (once) a 40x (0.25 um/px) demo slide, 32,000 x 24,000 px, with the demo
 cohort's renderer to output/benchmark-scratch/read_demo40.svs and reads that.
@@ -32,7 +36,7 @@ import openslide
 import torch
 
 from preprocessing.features.encoders import DEFAULT_ENCODER, build_encoder
-from preprocessing.features.patches import BAD, FELL_BACK, PatchDataset, single_threaded_opencv
+from preprocessing.features.patches import BAD, FELL_BACK, PatchDataset, make_loader, single_threaded_opencv
 from preprocessing.features.runner import FeatureRunner
 from preprocessing.tiling.tile import tile_slide
 
@@ -66,6 +70,20 @@ def read_all(dataset: PatchDataset) -> tuple[list[np.ndarray], list[int], float]
     return patches, statuses, time.perf_counter() - start
 
 
+def read_batches(dataset: PatchDataset, batch_size: int) -> tuple[list[np.ndarray], list[int], float]:
+    """Every patch of a gpu-reader ``dataset`` through its loader: (patches, statuses, seconds); the
+    clock stops once the last batch is on the decode device, before the copies to the host."""
+    batches, statuses = [], []
+    start = time.perf_counter()
+    for images, _, status in make_loader(dataset, batch_size, 0, pin_memory=False):
+        batches.append(images)
+        statuses += status.tolist()
+    if dataset.device.type == "cuda":
+        torch.cuda.synchronize(dataset.device)
+    seconds = time.perf_counter() - start
+    return [rgb for images in batches for rgb in images.cpu().numpy()], statuses, seconds
+
+
 def cosines(first: list[np.ndarray], second: list[np.ndarray], sample: np.ndarray) -> np.ndarray:
     """Cosine similarity of the default encoder's features of the sampled patches of both readers."""
     runner = FeatureRunner(build_encoder(DEFAULT_ENCODER), torch.device("cpu"))
@@ -78,8 +96,12 @@ def main() -> None:
     """Tile the slide, time both readers, compare their patches; print one line per figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("slide", help="slide file, or demo40 for a written 40x demo slide")
-    parser.add_argument("--reader", default="tiles", choices=["tiles", "auto"],
+    parser.add_argument("--reader", default="tiles", choices=["tiles", "auto", "gpu"],
                         help="the reader compared with OpenSlide")
+    parser.add_argument("--decode-device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where --reader gpu decodes (and --reader auto picks gpu when cuda)")
+    parser.add_argument("--batch-size", type=int, default=64, help="patches per batch (--reader gpu)")
     parser.add_argument("--patches", type=int, default=None, help="the first N patches in tile order")
     parser.add_argument("--sample", type=int, default=64, help="patches compared by their features")
     parser.add_argument("--no-features", dest="features", action="store_false")
@@ -98,13 +120,16 @@ def main() -> None:
 
     def dataset(reader: str, n: int | None = None) -> PatchDataset:
         return PatchDataset(slide, coords[:n], meta["level"], read_size, (224, 224), "bicubic",
-                            reader=reader)
+                            reader=reader, device=args.decode_device if reader != "openslide" else None)
+
+    def read(fresh: PatchDataset) -> tuple[list[np.ndarray], list[int], float]:
+        return read_batches(fresh, args.batch_size) if fresh.reader == "gpu" else read_all(fresh)
 
     results, seconds_of = {}, {}
     for reader in ("openslide", args.reader):
-        read_all(dataset(reader, 8))  # warm-up on other handles: library set-up, file cache
+        read(dataset(reader, 8))  # warm-up on other handles: library set-up, file cache
         fresh = dataset(reader)
-        patches, statuses, seconds = read_all(fresh)
+        patches, statuses, seconds = read(fresh)
         results[reader], seconds_of[reader] = patches, seconds
         flags = np.array(statuses)
         print(f"{reader}: {len(coords) / seconds:.1f} patches/s ({len(coords)} in {seconds:.2f} s; "

@@ -188,7 +188,7 @@ def test_provenance_records_the_reader_and_fallbacks(slide, tmp_path, monkeypatc
     assert attrs["reader"]["fallback_patches"] == 6 and attrs["n_patches"] == 6
     assert build_parser().parse_args(["s", "t", "-o", "o"]).reader == "auto"
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["s", "t", "-o", "o", "--reader", "gpu"])
+        build_parser().parse_args(["s", "t", "-o", "o", "--reader", "nvjpeg"])
 
 
 def _always_damaged(self, x, y, extent, out_side=0):

@@ -10,7 +10,7 @@ attributes that say how they were made), which appears under its final name only
         [--weights FILE] [--allow-random-weights] [--encoder-file FROZEN.pt] [--batch-size 64]
         [--device auto|cpu|cuda] [--dtype float16|float32] [--workers 1|auto] [--threads N]
         [--max-bad-patch-fraction 0.01] [--stain-norm macenko|vahadane|reinhard --stain-reference IMAGE]
-        [--on-slide-error fail|record] [--reader auto|tiles|openslide]
+        [--on-slide-error fail|record] [--reader auto|tiles|gpu|openslide]
 
 An existing complete store made from the same tiles (coordinates, level, patch size) with the same
 encoder, weights, dtype and stain normalisation is kept (the command says so and exits 0). Zero
@@ -241,12 +241,14 @@ def extract_slide(slide: str | Path, tiles: str | Path, out: str | Path, *,
     patches cannot be embedded (file gone or unreadable, too many undecodable patches) gets a
     complete store without patches whose ``failed`` attribute says why, so that its patient counts
     as having no slide and the cohort's other jobs go on, as tiling does for unreadable slides.
-    ``reader``: ``auto``, ``tiles`` or ``openslide`` (see :class:`PatchDataset`).
+    ``reader``: ``auto``, ``tiles``, ``gpu`` or ``openslide`` (see :class:`PatchDataset`).
     """
     if on_slide_error not in {"fail", "record"}:
         raise InputError("--on-slide-error", f"must be fail or record, got {on_slide_error!r}")
     if reader not in READERS:
         raise InputError("--reader", f"must be one of {', '.join(READERS)}, got {reader!r}")
+    if reader == "gpu" and stain_norm:
+        raise InputError("--reader", "gpu does not apply stain normalisation: use tiles or auto")
     slide, tiles, out = Path(slide), Path(tiles), Path(out)
     _check_arguments(batch_size, dtype, max_bad_patch_fraction, stain_norm, stain_reference)
     torch_device = resolve_device(device)
@@ -403,7 +405,7 @@ def _embed_slide(plan: _Plan, coords: np.ndarray, level: int, read_size: int, ro
     """Embed every patch at ``coords`` into ``rows`` (closed here) with the plan's encoder and readers."""
     enc = plan.enc
     dataset = PatchDataset(plan.slide, coords, level, read_size, enc.input_size, enc.interpolation,
-                           plan.stain, plan.reader)
+                           plan.stain, plan.reader, plan.device)
     pad_to = plan.batch_size if plan.device.type == "cuda" else None  # one batch shape on a GPU
     runner = FeatureRunner(enc, plan.device, pad_to=pad_to)
     loop = _embed_patches(dataset, runner, rows, slide=plan.slide, batch_size=plan.batch_size,
@@ -450,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "that says why (its patient then has no slide), and the exit status is 0")
     parser.add_argument("--reader", choices=READERS, default="auto",
                         help="how patches are read: tiles (each JPEG tile decoded once, at the scale "
-                             "needed), openslide (read_region), auto (tiles where the slide allows)")
+                             "needed), gpu (tiles decoded, assembled and resized on the --device), "
+                             "openslide (read_region), auto (gpu on CUDA, else tiles, where the slide "
+                             "allows)")
     return parser
 
 

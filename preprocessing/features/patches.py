@@ -3,10 +3,12 @@
 Patches come back as uint8 (H, W, 3) tensors at the encoder's input size, in tile order, with a
 status per patch: ``OK``, ``BAD`` when its pixels cannot be decoded, and the flags ``STAIN_SKIPPED``
 (stain normalisation found no stain) and ``FELL_BACK`` (a damaged tile made the tile reader hand the
-patch to OpenSlide). The reader (``auto``, ``tiles``, ``openslide``): ``tiles`` decodes the slide's
-JPEG tiles once each at the resolution the encoder needs (:mod:`preprocessing.slides.jpeg_tiles`);
-``auto`` uses it where the slide allows and OpenSlide elsewhere. Each reader process opens its own
-file handles.
+patch to OpenSlide). The reader (``auto``, ``tiles``, ``gpu``, ``openslide``): ``tiles`` decodes the
+slide's JPEG tiles once each at the resolution the encoder needs (:mod:`preprocessing.slides.jpeg_tiles`);
+``gpu`` has the reader processes fetch the tiles' bytes only, and decodes, assembles and resizes on
+the model's device (:mod:`preprocessing.slides.gpu_tiles`), asked for by name only until it has
+been measured on a GPU; ``auto`` uses ``tiles`` where the slide allows, and OpenSlide where not.
+Each reader process opens its own file handles.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +27,24 @@ from torch.utils.data import DataLoader, Dataset
 
 from preprocessing.core.errors import InputError
 from preprocessing.features.patch_transforms import StainNormaliser, resize_patch, rgba_to_rgb
-from preprocessing.slides.jpeg_tiles import Layout, TileError, TileReader, plan_read, probe
+from preprocessing.slides.gpu_tiles import Batch, GpuTiles
+from preprocessing.slides.jpeg_tiles import DCT_DENOMINATORS, Layout, TileError, TileReader, plan_read, probe
 
 #: per-patch status: BAD alone, or OK (0) with the flags STAIN_SKIPPED and FELL_BACK
 OK, BAD, STAIN_SKIPPED, FELL_BACK = 0, 1, 2, 4
 #: how a slide's patches are read (``--reader``)
-READERS = ("auto", "tiles", "openslide")
+READERS = ("auto", "tiles", "gpu", "openslide")
 
 
 class PatchDataset(Dataset):
     """Patches of one slide as uint8 (H, W, 3) tensors at the encoder's input size.
 
-    ``reader``: ``auto`` reads the JPEG tiles where :func:`preprocessing.slides.jpeg_tiles.probe`
-    accepts the slide, else OpenSlide; ``tiles`` insists on the tiles (an InputError when the slide
-    cannot be read so); ``openslide`` always uses ``read_region``. Each process opens its own handles
-    on first use (handles must not cross a fork). A tile that cannot be decoded sends its patch to
+    ``reader``: ``auto`` reads the JPEG tiles on the CPU (``tiles``) where
+    :func:`preprocessing.slides.jpeg_tiles.probe` accepts the slide, else OpenSlide; ``tiles`` and
+    ``gpu`` insist on the tiles (an InputError when the slide cannot be read so); ``openslide``
+    always uses ``read_region``. ``gpu`` decodes on ``device`` (the CPU when None) and reads whole
+    batches only (:func:`make_loader`, not :meth:`read`). Each process opens its own handles on
+    first use (handles must not cross a fork). A tile that cannot be decoded sends its patch to
     OpenSlide (status flag ``FELL_BACK``); a patch OpenSlide cannot decode either comes back blank
     with status ``BAD``, and the OpenSlide handle is reopened, since it refuses all further reads
     after an error.
@@ -47,7 +52,8 @@ class PatchDataset(Dataset):
 
     def __init__(self, slide: str | Path, coords: np.ndarray, level: int, read_size: int,
                  out_size: tuple[int, int], interpolation: str = "bicubic",
-                 stain: StainNormaliser | None = None, reader: str = "auto") -> None:
+                 stain: StainNormaliser | None = None, reader: str = "auto",
+                 device: torch.device | str | None = None) -> None:
         if reader not in READERS:
             raise InputError("--reader", f"unknown reader {reader!r}: use {', '.join(READERS)}")
         self.slide = str(slide)
@@ -58,6 +64,8 @@ class PatchDataset(Dataset):
         self.interpolation = interpolation
         self.stain = stain
         self.reader_asked = reader
+        self.device = torch.device(device if device is not None else "cpu")
+        self._gpu: GpuTiles | None = None
         self._handle: openslide.OpenSlide | None = None
         self._pid: int | None = None
         self._tiles: TileReader | None = None
@@ -67,29 +75,37 @@ class PatchDataset(Dataset):
             self._use_tiles(reader)
 
     def _use_tiles(self, reader: str) -> None:
+        if reader == "gpu" and self.stain is not None:
+            raise InputError("--reader", "gpu does not apply stain normalisation: use tiles or auto")
+        gpu = reader == "gpu"  # not chosen by auto until the decoding on a GPU has been checked there
         layout = probe(self.slide)
-        plan = plan_read(layout, self.level, self.read_size, self.out_size) if isinstance(layout, Layout) \
-            else layout
+        plan = plan_read(layout, self.level, self.read_size, self.out_size,
+                         (1,) if gpu else DCT_DENOMINATORS) if isinstance(layout, Layout) else layout
         if isinstance(plan, str):
-            if reader == "tiles":
-                raise InputError(self.slide, f"cannot read its JPEG tiles (--reader tiles): {plan}")
+            if reader != "auto":
+                raise InputError(self.slide, f"cannot read its JPEG tiles (--reader {reader}): {plan}")
             self.why_openslide = plan
             return
         assert isinstance(layout, Layout)
         page = layout.pages[self.level]
         assert not isinstance(page, str)
         self._extent = self.read_size * page.downsample
-        self._tiles = TileReader(layout, plan, self.coords, self._extent)
+        if gpu:
+            self._gpu = GpuTiles(layout, plan, self._extent, self.device)
+        else:
+            self._tiles = TileReader(layout, plan, self.coords, self._extent)
 
     @property
     def reader(self) -> str:
-        """The reader that serves this slide: ``tiles`` or ``openslide``."""
-        return "tiles" if self._tiles is not None else "openslide"
+        """The reader that serves this slide: ``gpu``, ``tiles`` or ``openslide``."""
+        return "gpu" if self._gpu is not None else "tiles" if self._tiles is not None else "openslide"
 
     def describe_reader(self) -> dict[str, Any]:
         """JSON-ready: the reader asked for, the one used, and how (or why not the tiles)."""
         described: dict[str, Any] = {"requested": self.reader_asked, "name": self.reader}
-        if self._tiles is not None:
+        if self._gpu is not None:
+            described.update(self._gpu.describe())
+        elif self._tiles is not None:
             described.update(self._tiles.plan.describe())
         else:
             described["why"] = self.why_openslide
@@ -118,8 +134,18 @@ class PatchDataset(Dataset):
             return None
         return rgba_to_rgb(np.asarray(region))
 
+    def fallback(self, index: int) -> tuple[np.ndarray, int]:
+        """Patch ``index`` from OpenSlide at the output size for the gpu reader: ``FELL_BACK``, or
+        blank and ``BAD`` when OpenSlide cannot decode it either."""
+        region = self._openslide_region(*(int(v) for v in self.coords[index]))
+        if region is None:
+            return np.full((*self.out_size, 3), 255, np.uint8), BAD
+        return resize_patch(region, self.out_size, self.interpolation), FELL_BACK
+
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        """One patch as uint8 RGB at the output size, and its status."""
+        """One patch as uint8 RGB at the output size, and its status (not for the gpu reader)."""
+        if self._gpu is not None:
+            raise RuntimeError("the gpu reader reads whole batches: use make_loader")
         x, y = (int(v) for v in self.coords[index])
         status, region = OK, None
         if self._tiles is not None:
@@ -177,8 +203,13 @@ def reader_processes(n: int, batch_size: int, workers: int) -> int:
 
 
 def make_loader(dataset: PatchDataset, batch_size: int, workers: int, pin_memory: bool,
-                prefetch_batches: int = 4) -> DataLoader:
-    """Batches in tile order; ``workers`` reader processes (0: read in this process)."""
+                prefetch_batches: int = 4) -> Iterable[Batch]:
+    """Batches (images, indices, statuses) in tile order; ``workers`` reader processes (0: read in
+    this process). With the gpu reader the images come on the dataset's device."""
+    if dataset._gpu is not None:
+        return dataset._gpu.batches(dataset.coords, batch_indices(len(dataset), batch_size), workers,
+                                    prefetch_batches, dataset.out_size, dataset.interpolation,
+                                    dataset.fallback)
     extra: dict[str, Any] = {}
     if workers > 0:
         extra = {"prefetch_factor": max(1, math.ceil(prefetch_batches / workers))}

@@ -153,12 +153,14 @@ def _page(candidates: list[tifffile.TiffPage], width: int, height: int, downsamp
                 counts, tables, _PHOTOMETRIC[photometric])
 
 
-def plan_read(layout: Layout, level: int, read_size: int, out_size: tuple[int, int]) -> Plan | str:
+def plan_read(layout: Layout, level: int, read_size: int, out_size: tuple[int, int],
+              denominators: tuple[int, ...] = DCT_DENOMINATORS) -> Plan | str:
     """The page and DCT scale that read the fewest pixels yet give at least ``out_size`` for a patch
     that OpenSlide reads as ``read_size`` px at ``level``; or why this slide's level cannot be read.
 
     When no page and scale reach ``out_size`` (OpenSlide's read is enlarged), ``level`` itself is read
-    at full scale, as OpenSlide reads it.
+    at full scale, as OpenSlide reads it. ``denominators``: the DCT scales the decoder offers
+    (``(1,)`` for one without DCT scaling, such as nvJPEG).
     """
     own = layout.pages[level]
     if isinstance(own, str):
@@ -170,7 +172,7 @@ def plan_read(layout: Layout, level: int, read_size: int, out_size: tuple[int, i
         page = layout.pages[index]
         if isinstance(page, str):
             continue
-        for denominator in DCT_DENOMINATORS:
+        for denominator in denominators:
             scale = page.downsample * denominator
             if extent / scale >= need and scale > best.downsample * 1.001:
                 best = Plan(index, denominator, scale)
@@ -199,6 +201,25 @@ def decode_tile(data: bytes, colour: str, denominator: int = 1) -> np.ndarray:
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise TileError(f"decoded tile has shape {pixels.shape}")
     return pixels
+
+
+def tile_stream(fd: int, page: Page, index: int) -> bytes | None:
+    """Tile ``index`` of ``page`` as a complete JPEG stream (the page's shared tables joined in),
+    read from the open file ``fd``; None for a tile without bytes. TileError when it cannot be read."""
+    offset, count = int(page.offsets[index]), int(page.counts[index])
+    if count == 0:
+        return None
+    try:
+        data = os.pread(fd, count, offset)
+    except OSError as err:
+        raise TileError(f"cannot read tile {index} ({err})") from None
+    if len(data) != count:
+        raise TileError(f"tile {index} is cut short ({len(data)} of {count} bytes)")
+    if page.tables is not None and len(page.tables) > 4:
+        if not (page.tables.endswith(b"\xff\xd9") and data.startswith(b"\xff\xd8")):
+            raise TileError(f"tile {index} or the JPEG tables lack their markers")
+        data = page.tables[:-2] + data[2:]
+    return data
 
 
 class TileReader:
@@ -265,19 +286,9 @@ class TileReader:
 
     def _decode(self, index: int) -> np.ndarray | None:
         page = self.page
-        offset, count = int(page.offsets[index]), int(page.counts[index])
-        if count == 0:
+        data = tile_stream(self._file(), page, index)
+        if data is None:
             return None
-        try:
-            data = os.pread(self._file(), count, offset)
-        except OSError as err:
-            raise TileError(f"cannot read tile {index} ({err})") from None
-        if len(data) != count:
-            raise TileError(f"tile {index} is cut short ({len(data)} of {count} bytes)")
-        if page.tables is not None and len(page.tables) > 4:
-            if not (page.tables.endswith(b"\xff\xd9") and data.startswith(b"\xff\xd8")):
-                raise TileError(f"tile {index} or the JPEG tables lack their markers")
-            data = page.tables[:-2] + data[2:]
         pixels = decode_tile(data, page.colour, self.plan.denominator)
         tw, th = self.tile_size
         if pixels.shape[0] < th or pixels.shape[1] < tw:

@@ -49,7 +49,7 @@ rule extract:
         device=config["extract"]["device"],
         dtype=config["extract"]["dtype"],
         max_bad=config["extract"]["max_bad_patch_fraction"],
-        # a param: the two readers' pixels differ slightly (DCT-scaled decoding), so switching re-extracts
+        # a param: the readers' pixels differ slightly (DCT-scaled decoding), so switching re-extracts
         reader=config["extract"]["reader"],
         options=lambda wc: " ".join(
             [
