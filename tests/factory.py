@@ -186,6 +186,62 @@ def train(cohort: Cohort, config: Path, model: str, out: Path, *extra: str, work
         torch.set_num_threads(threads)
 
 
+#: the small 40x slide of :func:`small_40x_slide`: levels of 500 x 375 and 125 x 94 px (downsample 15.98)
+SMALL_40X = (2000, 1500)
+
+
+def small_40x_slide(path: Path) -> Path:
+    """A small 40x Aperio slide for the slide readers' tests: an H&E-like texture with grain, YCbCr
+    JPEG tiles of 256 px, three levels, padded edge tiles."""
+    import cv2
+    import skimage.data
+
+    from preprocessing.demo.svs_writer import write_svs_from_array
+
+    width, height = SMALL_40X
+    image = cv2.resize(skimage.data.immunohistochemistry(), (width, height), interpolation=cv2.INTER_CUBIC)
+    rng = np.random.default_rng(0)
+    grain = cv2.GaussianBlur(rng.normal(0, 12, (height, width)).astype(np.float32), (0, 0), 1.5)
+    image = np.clip(image + grain[..., None], 0, 255).astype(np.uint8)
+    return write_svs_from_array(path, image, mpp=0.25, app_mag=40)
+
+
+def small_40x_grid(path: Path) -> Path:
+    """A tiles file of six 512-px level-0 patches (256 px at 0.5 um/px) on :func:`small_40x_slide`."""
+    from preprocessing.tiling.tiles import write_tiles
+
+    ys, xs = np.mgrid[0:1024:512, 0:1536:512]
+    return write_tiles(path, pd.DataFrame({"x": xs.ravel(), "y": ys.ravel(), "tissue_fraction": 1.0}),
+                       {"slide": "slide", "level": 0, "downsample": 1.0, "patch_size_level0": 512,
+                        "patch_size": 256, "target_mpp": 0.5, "mpp": 0.25, "mpp_source": "aperio"})
+
+
+def mean_colour_encoder() -> Any:
+    """A 3-d encoder that returns each patch's mean colour at 32 px: extraction without a network."""
+    from torch import nn
+
+    from preprocessing.features.encoders import Encoder
+
+    class MeanColour(nn.Module):
+        def forward(self, x: Any) -> Any:
+            return x.mean(dim=(2, 3))
+
+    return Encoder("mean", MeanColour(), 3, (32, 32), (0.5,) * 3, (0.5,) * 3, "bilinear", "random", None)
+
+
+def damage_tile(src: Path, dest: Path, index: int) -> Path:
+    """Copy of the slide ``src`` with the bytes of level-0 tile ``index`` zeroed (a tile no decoder can
+    read, as a bad sector or a cut copy leaves it)."""
+    import tifffile
+
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        offset, size = tif.pages[0].dataoffsets[index], tif.pages[0].databytecounts[index]
+    data[offset:offset + size] = bytes(size)
+    dest.write_bytes(bytes(data))
+    return dest
+
+
 GRID = 256  # the planted cohort's patches: a 20 x 20 grid of 256-px cells at level 0
 
 

@@ -18,9 +18,9 @@ import openslide
 import pandas as pd
 import pytest
 import skimage.data
-import tifffile
 import torch
 import zarr
+from factory import damage_tile
 from helpers import assert_one_line_error, raises_one_line_error, run_healnet
 from torch import nn
 
@@ -192,18 +192,10 @@ def test_failed_tiling_gives_an_empty_store_that_says_why(encoder, tmp_path):
     assert attrs["failed"] == meta["failed"] and attrs["slide_bytes"] is None
 
 
-def _corrupt_tile(src: Path, dest: Path, index: int) -> Path:
-    """Copy of ``src`` with the JPEG data of level-0 tile ``index`` overwritten."""
-    data = bytearray(src.read_bytes())
-    with tifffile.TiffFile(src) as tif:
-        offset, size = tif.pages[0].dataoffsets[index], tif.pages[0].databytecounts[index]
-    data[offset:offset + size] = bytes(size)
-    dest.write_bytes(bytes(data))
-    return dest
 
 
 def test_corrupt_tile_is_left_out_and_recorded(data, encoder, tmp_path, caplog):
-    slide = _corrupt_tile(data["slide"], tmp_path / "slide.svs", index=10)  # row 1, column 2
+    slide = damage_tile(data["slide"], tmp_path / "slide.svs", index=10)  # row 1, column 2
     row = write_tiles(tmp_path / "row.parquet", _grid().iloc[8:16], META)  # the 8 patches of row 1
     out = tmp_path / "corrupt.zarr"
     with caplog.at_level(logging.WARNING, logger="preprocessing.features.extract"):
@@ -221,7 +213,7 @@ def test_corrupt_tile_is_left_out_and_recorded(data, encoder, tmp_path, caplog):
 
 
 def test_too_many_corrupt_tiles_fail_naming_the_slide(data, encoder, tmp_path):
-    slide = _corrupt_tile(data["slide"], tmp_path / "slide.svs", index=3)
+    slide = damage_tile(data["slide"], tmp_path / "slide.svs", index=3)
     out = tmp_path / "bad.zarr"
     with raises_one_line_error(match=r"slide.svs: more than 1.00% of 32 patches cannot be decoded; "
                                          r"first at x=768, y=0"):

@@ -7,36 +7,28 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 import skimage.data
 import tifffile
 import torch
 import zarr
+from factory import SMALL_40X, damage_tile, mean_colour_encoder, small_40x_grid, small_40x_slide
 from helpers import raises_one_line_error
-from torch import nn
 
 from preprocessing.core.errors import InputError
-from preprocessing.demo.svs_writer import write_svs_from_array
-from preprocessing.features.encoders import Encoder
 from preprocessing.features.extract import build_parser, extract_slide
 from preprocessing.features.patches import BAD, FELL_BACK, OK, PatchDataset, make_loader
 from preprocessing.slides import gpu_tiles
 from preprocessing.slides.gpu_tiles import Grid, schedule_tiles
-from preprocessing.tiling.tiles import write_tiles
 
-WIDTH, HEIGHT = 2000, 1500  # 40x; levels of 500 x 375 and 125 x 94 px (downsample 15.98)
+WIDTH, HEIGHT = SMALL_40X
 OUT = (224, 224)
 
 
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory) -> Path:
     """A small 40x Aperio slide (YCbCr JPEG tiles of 256 px, 4:2:0), as the tile reader's tests."""
-    image = cv2.resize(skimage.data.immunohistochemistry(), (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
-    rng = np.random.default_rng(0)
-    grain = cv2.GaussianBlur(rng.normal(0, 12, (HEIGHT, WIDTH)).astype(np.float32), (0, 0), 1.5)
-    image = np.clip(image + grain[..., None], 0, 255).astype(np.uint8)
-    return write_svs_from_array(tmp_path_factory.mktemp("gpu") / "slide.svs", image, mpp=0.25, app_mag=40)
+    return small_40x_slide(tmp_path_factory.mktemp("gpu") / "slide.svs")
 
 
 def _gpu_read(dataset: PatchDataset, batch_size: int = 8, workers: int = 0) -> tuple[np.ndarray, list[int]]:
@@ -150,18 +142,10 @@ def test_rgb_tiles_decoded_as_ycbcr_are_caught_by_the_colour_check(real_slide, m
     assert np.array_equal(got[1], reference.read(1)[0])
 
 
-def _damaged(src: Path, dest: Path, index: int) -> Path:
-    """Copy of ``src`` with the bytes of level-0 tile ``index`` zeroed."""
-    data = bytearray(src.read_bytes())
-    with tifffile.TiffFile(src) as tif:
-        offset, size = tif.pages[0].dataoffsets[index], tif.pages[0].databytecounts[index]
-    data[offset:offset + size] = bytes(size)
-    dest.write_bytes(bytes(data))
-    return dest
 
 
 def test_damaged_tile_falls_back_to_openslide_then_is_bad(slide, tmp_path, monkeypatch):
-    damaged = _damaged(slide, tmp_path / "damaged.svs", index=9)  # row 1, column 1 of 8 x 6 tiles
+    damaged = damage_tile(slide, tmp_path / "damaged.svs", index=9)  # row 1, column 1 of 8 x 6 tiles
     coords = np.array([[0, 0], [256, 256], [1024, 1024]])
     _, statuses = _gpu_read(PatchDataset(damaged, coords, 0, 256, OUT, reader="gpu", device="cpu"))
     assert statuses == [OK, BAD, OK]  # OpenSlide cannot decode that tile either
@@ -184,18 +168,9 @@ def test_damaged_tile_falls_back_to_openslide_then_is_bad(slide, tmp_path, monke
     assert np.array_equal(got[1], reference.read(1)[0])
 
 
-class _Mean(nn.Module):
-    def forward(self, x):
-        return x.mean(dim=(2, 3))
-
-
 def test_provenance_cli_and_auto(slide, tmp_path):
-    encoder = Encoder("mean", _Mean(), 3, (32, 32), (0.5,) * 3, (0.5,) * 3, "bilinear", "random", None)
-    ys, xs = np.mgrid[0:1024:512, 0:1536:512]
-    tiles = write_tiles(tmp_path / "slide.parquet",
-                        pd.DataFrame({"x": xs.ravel(), "y": ys.ravel(), "tissue_fraction": 1.0}),
-                        {"slide": "slide", "level": 0, "downsample": 1.0, "patch_size_level0": 512,
-                         "patch_size": 256, "target_mpp": 0.5, "mpp": 0.25, "mpp_source": "aperio"})
+    encoder = mean_colour_encoder()
+    tiles = small_40x_grid(tmp_path / "slide.parquet")
     stores = {}
     for reader in ("gpu", "openslide"):
         out = tmp_path / f"{reader}.zarr"
