@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: run test lint install clean-outputs
+.PHONY: run test test-slurm lint install clean-outputs slurm-packages
 
 # Bytecode: uv does not compile at install, and where PYTHONDONTWRITEBYTECODE is set (as on our
 # build machines) every job would then recompile torch and pandas on import, seconds of CPU per
@@ -31,6 +31,25 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(RUN_ENV) $(BIN)/pytest -q
+
+# The workflow on a real (one-node, throw-away) SLURM cluster: about 15 minutes on 2 cores, so a
+# target of its own, which CI runs after `make test`.
+test-slurm: $(STAMP) slurm-packages
+	$(RUN_ENV) $(BIN)/pytest -q -m slurm tests/test_slurm_cluster.py
+
+# `make test-slurm` starts a throw-away SLURM cluster on this machine: it needs the Debian
+# packages slurm-wlm and munge. Installed here when a program is missing and we are root with apt-get
+# (a fresh CI machine); otherwise a note, and those tests skip.
+SLURM_PROGRAMS := munged slurmctld slurmd sbatch srun squeue scontrol scancel sinfo
+slurm-packages:
+	@missing=""; for p in $(SLURM_PROGRAMS); do \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "note: missing$$missing; not root or no apt-get, so the SLURM cluster tests will skip" >&2; \
+		exit 0; fi; \
+	echo "apt-get install slurm-wlm munge (missing:$$missing)"; \
+	export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq slurm-wlm munge
 
 lint: $(STAMP)
 	$(BIN)/ruff check preprocessing healnet tests benchmarks

@@ -23,7 +23,12 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# config.yaml configures the built-in demo. A run given its own file (--configfile) reads that file
+# alone: Snakemake starts cluster jobs with --configfile but without --replace-workflow-config, and
+# merging config.yaml under the user's file there would give jobs settings the plan did not have.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 # jsonschema without its optional IRI grammars, which cost seconds per Snakemake process; and

@@ -308,6 +308,18 @@ def test_single_output_by_path_runs_only_what_it_needs(tmp_path: Path) -> None:
     assert set(jobs) - {"total"} == {"demo", "tile", "omics"}
 
 
+def test_a_config_file_is_the_whole_config_also_without_replace_workflow_config(tmp_path: Path) -> None:
+    """Cluster jobs get the user's --configfile without --replace-workflow-config: the repository's
+    config.yaml (the DEMO cohort) must not be merged in, so that every job sees what the plan saw."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, "models": ["snn"]}))
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile",
+           str(tmp_path / "config.yaml"), "-n", "--cores", "1"]
+    dry = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "cohort=TINY" in dry.stdout and "cohort=DEMO" not in dry.stdout
+    assert job_counts(dry.stdout)["train"] == "3"  # snn alone, 3 folds: not config.yaml's models
+
+
 def test_lint_is_clean() -> None:
     run = subprocess.run([SNAKEMAKE, "--lint", "-s", str(REPO / "Snakefile")], capture_output=True,
                          text=True, cwd=REPO, timeout=300)
