@@ -22,10 +22,10 @@ def default_config() -> dict:
 
 def test_default_config_is_valid_and_defaults_fill_missing_sections() -> None:
     cfg = load_config(REPO / "config.yaml")
-    assert cfg["tiling"]["target_mpp"] == 0.5
+    assert cfg["tiling"]["target_mpp"] is None  # each encoder's own resolution
     minimal = validate_config({"cohorts": {"X": {"demo": True}}})
-    assert minimal["extract"]["encoder"] == "efficientnet_lite0"
-    assert minimal["models"] == ["healnet", "snn", "abmil", "perceiver", "late_fusion"]
+    assert minimal["extract"]["encoder"] == "efficientnet_lite0" and minimal["extract"]["encoders"] is None
+    assert minimal["models"] == ["healnet", "snn", "abmil", "perceiver", "late_fusion", "coxph"]
     assert minimal["extract"]["workers"] == minimal["training"]["workers"] == "auto"
     three = validate_config({"cohorts": {"X": {"demo": True}}, "extract": {"workers": 3}})
     assert three["extract"]["workers"] == 3

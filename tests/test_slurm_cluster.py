@@ -51,9 +51,12 @@ TINY: dict[str, Any] = {
     "report": {"heatmap_slides": 2},
 }
 #: the time-limit test's training: epochs of the SNN, saving its state after every epoch, enough to
-#: outlast a 1-minute limit (slurmctld ends such a job 60 to 90 s in) on a machine twice as fast as
-#: the 2-core test machine, where the job SLURM ended had trained 4436 epochs
-LONG_EPOCHS = 8000
+#: outlast a 1-minute limit (slurmctld ends such a job 60 to 90 s in) on a machine three times as
+#: fast as the 2-core test machine, where the job SLURM ended had trained 4436 epochs; the
+#: resubmitted job gets 10 minutes for the rest
+LONG_EPOCHS = 15000
+#: the time-limit test's training runtime: 1 minute on the first attempt, 10 on the resubmission
+SHORT_THEN_LONG = "train:runtime=1 if attempt == 1 else 10"
 
 
 @dataclass(frozen=True)
@@ -322,9 +325,10 @@ def test_the_next_run_completes_and_a_lost_store_resubmits_that_slide_and_what_f
 
 def test_a_job_past_its_time_limit_is_resubmitted_and_resumes(
         slurm_cluster: SlurmCluster, profile: Path, main_run: MainRun) -> None:  # noqa: F811
-    """A training job given 1 minute for about two minutes of training: SLURM ends it (TIMEOUT), the
-    profile's retry resubmits it, and it resumes from the fold's saved state; its results equal those
-    of the same training run without interruption (``healnet train`` outside SLURM, started beside it)."""
+    """A training job given 1 minute for several minutes of training: SLURM ends it (TIMEOUT), the
+    profile's retry resubmits it (with 10 minutes), and it resumes from the fold's saved state; its
+    results equal those of the same training run without interruption (``healnet train`` outside
+    SLURM, started beside it)."""
     workdir = main_run.workdir
     out = workdir / "out"
     config = {**TINY, "models": ["snn"],
@@ -348,7 +352,7 @@ def test_a_job_past_its_time_limit_is_resubmitted_and_resumes(
                                                 stderr=subprocess.PIPE, text=True)
 
     try:
-        run = snakemake(slurm_cluster, workdir, profile, str(target), "--set-resources", "train:runtime=1",
+        run = snakemake(slurm_cluster, workdir, profile, str(target), "--set-resources", SHORT_THEN_LONG,
                         "train:slurm_partition=gpu", config="long.yaml", during=train_beside)
         _, stderr = reference["process"].communicate(timeout=600)
     finally:
@@ -358,7 +362,8 @@ def test_a_job_past_its_time_limit_is_resubmitted_and_resumes(
     assert reference["process"].returncode == 0, stderr[-3000:]
     trains = [slurm_cluster.job(j) for j in run.job_ids if rule_of(slurm_cluster.job(j)) == "train"]
     assert [j["JobState"] for j in trains] == ["TIMEOUT", "COMPLETED"], trains
-    assert all(j["TimeLimit"] == "00:01:00" and j["Partition"] == "gpu" for j in trains)
+    assert [j["TimeLimit"] for j in trains] == ["00:01:00", "00:10:00"]
+    assert all(j["Partition"] == "gpu" for j in trains)
     log = one(out, "logs/train/**/snn/fold0.log").read_text()
     resumed = re.search(r"resuming at epoch (\d+) from ", log)
     assert resumed and 0 < int(resumed.group(1)) < LONG_EPOCHS, log[:2000]
