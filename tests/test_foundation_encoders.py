@@ -85,6 +85,14 @@ def _timm_shapes(arch: str, kwargs: dict, depth: int | None) -> dict[str, tuple[
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def _attention_shapes(prefix: str, d: int) -> dict[str, tuple[int, ...]]:
+    """One transformers ViT/Dinov2 layer's attention: query, key, value and output projections."""
+    parts = ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+             "attention.output.dense")
+    return {prefix + part + suffix: shape for part in parts
+            for suffix, shape in ((".weight", (d, d)), (".bias", (d,)))}
+
+
 def _phikon_shapes(depth: int) -> dict[str, tuple[int, ...]]:
     """owkin/phikon's file: a transformers-4 ViTModel (ViT-B/16) with its pooler."""
     d = 768
@@ -93,9 +101,7 @@ def _phikon_shapes(depth: int) -> dict[str, tuple[int, ...]]:
               "embeddings.patch_embeddings.projection.bias": (d,)}
     for i in range(depth):
         p = f"encoder.layer.{i}."
-        for part in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-                     "attention.output.dense"):
-            shapes |= {p + part + ".weight": (d, d), p + part + ".bias": (d,)}
+        shapes |= _attention_shapes(p, d)
         shapes |= {p + "intermediate.dense.weight": (4 * d, d), p + "intermediate.dense.bias": (4 * d,),
                    p + "output.dense.weight": (d, 4 * d), p + "output.dense.bias": (d,)}
         for norm in ("layernorm_before", "layernorm_after"):
@@ -113,9 +119,7 @@ def _phikon_v2_shapes(depth: int) -> dict[str, tuple[int, ...]]:
               "embeddings.patch_embeddings.projection.bias": (d,)}
     for i in range(depth):
         p = f"encoder.layer.{i}."
-        for part in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-                     "attention.output.dense"):
-            shapes |= {p + part + ".weight": (d, d), p + part + ".bias": (d,)}
+        shapes |= _attention_shapes(p, d)
         shapes |= {p + "mlp.fc1.weight": (4 * d, d), p + "mlp.fc1.bias": (4 * d,),
                    p + "mlp.fc2.weight": (d, 4 * d), p + "mlp.fc2.bias": (d,),
                    p + "layer_scale1.lambda1": (d,), p + "layer_scale2.lambda1": (d,)}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from healnet.data.results import NO_ENCODER, find_runs, read_folds, search_choices
+from healnet.data.results import NO_ENCODER, read_folds, run_name, search_choices
 from healnet.evaluation.metrics import METRICS
 from healnet.modalities import MODEL_MODALITIES, MULTIMODAL
 from preprocessing.core.atomic import atomic_output
@@ -300,7 +300,8 @@ def cli(argv: list[str] | None = None) -> int:
     runs = [r for r in args.runs.split(",") if r] if args.runs else None
     folds = read_folds(args.results_dir, runs)
     summary, paired = summarise(folds), paired_differences(folds)
-    searched = search_choices(args.results_dir, runs or find_runs(args.results_dir, "folds.csv"))
+    read = folds[["encoder", "model"]].drop_duplicates().itertuples(index=False)
+    searched = search_choices(args.results_dir, [run_name(encoder, model) for encoder, model in read])
     with atomic_output(args.output) as tmp:
         summary.to_csv(tmp, index=False)
     with atomic_output(args.output.with_suffix(".md")) as tmp:

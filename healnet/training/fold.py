@@ -385,11 +385,11 @@ def run_fold(
     inputs = fold_inputs(cohort, fold, training.seed, settings.n_bins)
     data = fold_data(cohort, model_name, inputs, training, cache_dir)
     spec = fold_spec(model_name, cohort, data, settings)
-    rows = inner_split(data, inputs, training)
-    if model_name in LINEAR_MODELS:  # fitted in closed form on the whole training fold
+    if model_name in LINEAR_MODELS:  # fitted in closed form on the whole training fold: no inner split
         rows = (data.fit_rows, None)
         trained = fit_closed_form(spec, data, inputs, settings, device, workers)
     else:
+        rows = inner_split(data, inputs, training)
         trained = train_members(model_name, spec, data, inputs, rows, settings, device, models_dir, workers)
     result, held = score_fold(model_name, trained, data, inputs, rows, settings, device, workers)
     save_fold(models_dir, trained, data, inputs, held, cohort, settings)
