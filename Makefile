@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: run test test-slurm lint install clean-outputs slurm-packages
+.PHONY: run test test-slurm lint install clean-outputs slurm-packages dicomizer
 
 # Bytecode: uv does not compile at install, and where PYTHONDONTWRITEBYTECODE is set (as on our
 # build machines) every job would then recompile torch and pandas on import, seconds of CPU per
@@ -29,8 +29,24 @@ run: $(STAMP)
 	if [ ! -f "$$report" ] || [ -n "$$(find "$$out/results" "$$out/qc" -newer "$$report" -print -quit 2>/dev/null)" ]; then \
 		echo "$(BIN)/snakemake --report $$report"; $(RUN_ENV) $(BIN)/snakemake --report "$$report"; fi
 
-test: $(STAMP)
+test: $(STAMP) dicomizer
 	$(RUN_ENV) $(BIN)/pytest -q
+
+# The slide-format tests convert the real CMU-1 slide to DICOM with wsidicomizer, which needs the
+# system TurboJPEG library (Debian libturbojpeg0, installed here when missing and we are root with
+# apt-get) and a wsidicom older than tiatoolbox's: so an environment of its own, .venv/dicomizer,
+# with the exact pins of tests/tools/dicomizer-requirements.txt. Without either, those tests skip.
+DICOMIZER := $(VENV)/dicomizer
+dicomizer: $(DICOMIZER)/.installed
+$(DICOMIZER)/.installed: tests/tools/dicomizer-requirements.txt | $(STAMP)
+	@if ! ldconfig -p 2>/dev/null | grep -q libturbojpeg; then \
+		if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+			echo "note: no libturbojpeg and not root with apt-get: the DICOM tests will skip" >&2; exit 0; fi; \
+		echo "apt-get install libturbojpeg0"; export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq libturbojpeg0 >/dev/null; fi
+	test -x $(DICOMIZER)/bin/python || $(PYTHON) -m venv $(DICOMIZER)
+	$(BIN)/uv pip install --quiet --python $(DICOMIZER)/bin/python -r tests/tools/dicomizer-requirements.txt
+	touch $@
 
 # The workflow on a real (one-node, throw-away) SLURM cluster: about 15 minutes on 2 cores, so a
 # target of its own, which CI runs after `make test`.

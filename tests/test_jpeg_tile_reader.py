@@ -114,7 +114,7 @@ def test_slides_without_jpeg_tiles_fall_back_to_openslide(tmp_path, compression)
     assert isinstance(probe(stripped), str)
     text = tmp_path / "notes.txt"
     text.write_text("not a slide")
-    assert probe(text).startswith("OpenSlide cannot open it")
+    assert probe(text).startswith("it cannot be opened (not a slide OpenSlide can read")
 
 
 

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -290,6 +291,63 @@ def test_a_cohort_of_trident_files_trains_as_the_same_features_extracted_here(ti
     got = pd.read_csv(tmp_path / "out/results/TINY/summary.csv").set_index(key).sort_index()
     ours = pd.read_csv(out / "results/TINY/summary.csv").set_index(key).sort_index().loc[got.index]
     pd.testing.assert_frame_equal(got, ours)
+
+
+def test_a_cohort_mixing_svs_dicom_and_ome_tiff_runs_end_to_end(tiny_run: Path, tmp_path: Path) -> None:
+    """The tiny cohort's slides in a folder of three formats (a third each: SVS, DICOM series made by
+    wsidicomizer, OME-TIFF pyramids), with its omic tables, as a user's own cohort: every slide is
+    tiled at the pixel size of its own metadata, the DICOM ones embed exactly as their SVS did (the
+    same JPEG tiles), the OME-TIFF ones within re-encoding (mean cosine >= 0.99), and the models train."""
+    from converters import dicomize, write_ome_tiff
+
+    from preprocessing.features.store import read_store
+    from preprocessing.tiling.tiles import read_tiles
+
+    out = tiny_run / OUT
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    kinds = {}
+    tiled = {p.stem for p in (out / "tiles/TINY").glob("*/*.parquet") if not read_tiles(p)[1]["failed"]}
+    for i, svs in enumerate(sorted((out / "data/TINY/slides").glob("*.svs"))):
+        kinds[svs.stem] = kind = ("svs", "dicom", "ome")[i % 3] if svs.stem in tiled else "svs"
+        if kind == "svs":
+            (slides / svs.name).symlink_to(svs)
+        elif kind == "dicom":
+            dicomize(svs, slides / svs.stem, thumbnail=False)
+        else:
+            write_ome_tiff(svs, slides / f"{svs.stem}.ome.tif")
+    config = copy.deepcopy(TINY) | {"models": ["abmil"], "outdir": str(tmp_path / "out")}
+    config["cohorts"] = {"MIXED": {"omics": str(out / "data/TINY/omics"), "slides": str(slides)}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    ran = snakemake(tmp_path, "--cores", "2")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    mine = tmp_path / "out"
+    source = {"svs": "openslide", "dicom": "dicom", "ome": "ome"}
+    for stem, kind in kinds.items():
+        meta = read_tiles(one_file(mine / "tiles/MIXED", f"*/{stem}.parquet"))[1]
+        if meta["failed"]:
+            assert kind == "svs", (stem, meta["failed"])  # the corrupt demo slide stays failed
+            continue
+        assert meta["mpp_source"] == source[kind], (stem, meta["mpp_detail"])
+        theirs, coords = read_store(out / f"features/TINY/efficientnet_lite0/{stem}.zarr")
+        ours, our_coords = read_store(mine / f"features/MIXED/efficientnet_lite0/{stem}.zarr")
+        assert abs(len(ours) - len(theirs)) <= max(1, 0.02 * len(theirs)), (stem, kind)
+        if not len(theirs):  # a slide of the tiny demo may have no patch of tissue
+            continue
+        index = {tuple(c): i for i, c in enumerate(coords)}
+        pairs = [(index[tuple(c)], j) for j, c in enumerate(our_coords) if tuple(c) in index]
+        a, b = theirs[[i for i, _ in pairs]], ours[[j for _, j in pairs]]
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cosine.mean() >= (0.9999 if kind != "ome" else 0.99), (stem, kind, cosine.mean())
+    assert set(kinds.values()) == {"svs", "dicom", "ome"}
+    summary = pd.read_csv(mine / "results/MIXED/summary.csv")
+    assert "abmil" in set(summary["model"])
+
+
+def one_file(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, (pattern, found)
+    return found[0]
 
 
 def test_snakemake_report_collects_tables_and_figures(tiny_run: Path) -> None:

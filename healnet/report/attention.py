@@ -11,6 +11,7 @@ input of the predicted risk, matched by feature name across folds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -109,7 +110,7 @@ def _slide_file(stem: str, tiles_dir: Path, slides_dir: Path | None) -> tuple[Pa
     meta = read_tiles(tiles_path)[1] if tiles_path.exists() else {}
     candidates = [Path(meta["slide_path"])] if meta.get("slide_path") else []
     if slides_dir is not None and slides_dir.is_dir():
-        candidates += sorted(slides_dir.glob(f"{stem}.*"))
+        candidates += sorted(slides_dir.glob(f"{stem}.*")) + [slides_dir / stem]
     return next((p for p in candidates if p.exists()), None), meta
 
 
@@ -117,9 +118,9 @@ def draw_slide_attention(ax: plt.Axes, slide_path: Path, meta: dict[str, Any], c
                          weights: np.ndarray, title: str) -> matplotlib.image.AxesImage:
     """Thumbnail with each patch tinted by its attention (rank-scaled so the map uses the full range);
     returns the attention layer, for a colour bar."""
-    import openslide
+    from preprocessing.slides.reader import open_slide
 
-    with openslide.OpenSlide(str(slide_path)) as slide:
+    with contextlib.closing(open_slide(slide_path)) as slide:
         width = slide.dimensions[0]
         thumb = np.asarray(slide.get_thumbnail((1024, 1024)).convert("RGB"))
     scale = thumb.shape[1] / width

@@ -25,6 +25,7 @@ attribute records the reader that served the slide and how many patches fell bac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import logging
 import math
@@ -74,6 +75,8 @@ from preprocessing.features.store import (
     store_attrs,
     tiles_fingerprint,
 )
+from preprocessing.slides.files import slide_stem
+from preprocessing.slides.reader import Slide, open_slide
 from preprocessing.tiling.tiles import invalid_positions, read_tiles
 
 log = logging.getLogger(__name__)
@@ -129,7 +132,7 @@ def _load_tiles(tiles: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def _check_meta(
-    tiles: Path, slide: Path, meta: dict[str, Any], handle: openslide.OpenSlide, coords: np.ndarray
+    tiles: Path, slide: Path, meta: dict[str, Any], handle: Slide, coords: np.ndarray
 ) -> int:
     """Validate the tiles metadata and patch positions against the slide; returns the read size in
     level pixels."""
@@ -138,7 +141,7 @@ def _check_meta(
         raise InputError(tiles, f"tiles metadata lacks {', '.join(missing)}")
     if meta.get("slide"):
         made_from = Path(str(meta["slide"])).name
-        if made_from not in {slide.name, slide.stem}:
+        if made_from not in {slide.name, slide.stem, slide_stem(slide)}:
             raise InputError(tiles, f"tiles were made from slide {made_from!r}, not {slide.name!r}")
     width, height = handle.dimensions
     if len(coords) and (coords[:, 0].max() >= width or coords[:, 1].max() >= height):
@@ -356,13 +359,9 @@ def _describe(plan: _Plan, dtype: str, tiles: Path, coords: np.ndarray,
 
 def _open_and_check(slide: Path, tiles: Path, meta: dict[str, Any], coords: np.ndarray) -> int:
     """Open the slide and check the tiles against it; returns the read size in level pixels."""
-    if not slide.is_file():
+    if not slide.exists():
         raise InputError(slide, "slide file not found")
-    try:
-        handle = openslide.OpenSlide(str(slide))
-    except (openslide.OpenSlideError, OSError) as err:
-        raise InputError(slide, f"cannot open slide ({err})") from err
-    with handle:
+    with contextlib.closing(open_slide(slide)) as handle:
         return _check_meta(tiles, slide, meta, handle, coords)
 
 

@@ -29,6 +29,7 @@ from preprocessing.core.errors import InputError
 from preprocessing.features.patch_transforms import StainNormaliser, resize_patch, rgba_to_rgb
 from preprocessing.slides.gpu_tiles import Batch, GpuTiles
 from preprocessing.slides.jpeg_tiles import DCT_DENOMINATORS, Layout, TileError, TileReader, plan_read, probe
+from preprocessing.slides.reader import Slide, open_slide
 
 #: per-patch status: BAD alone, or OK (0) with the flags STAIN_SKIPPED and FELL_BACK
 OK, BAD, STAIN_SKIPPED, FELL_BACK = 0, 1, 2, 4
@@ -66,7 +67,7 @@ class PatchDataset(Dataset):
         self.reader_asked = reader
         self.device = torch.device(device if device is not None else "cpu")
         self._gpu: GpuTiles | None = None
-        self._handle: openslide.OpenSlide | None = None
+        self._handle: Slide | None = None
         self._pid: int | None = None
         self._tiles: TileReader | None = None
         self._extent = 0.0  # level-0 px a patch covers
@@ -114,9 +115,9 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.coords)
 
-    def _slide(self) -> openslide.OpenSlide:
+    def _slide(self) -> Slide:
         if self._handle is None or self._pid != os.getpid():
-            self._handle = openslide.OpenSlide(self.slide)
+            self._handle = open_slide(self.slide)
             self._pid = os.getpid()
         return self._handle
 

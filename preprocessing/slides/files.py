@@ -3,8 +3,10 @@
 Standard library only, because the Snakefile calls it while it builds the DAG. Subfolders are
 searched too, since the GDC Data Transfer Tool saves every TCGA file in a folder named by its file
 UUID (``slides/<uuid>/TCGA-...-DX1.<uuid>.svs``); a flat folder of files or of links to files works
-the same way. Outputs are named by slide stem, so two slide files with one stem are an error;
-:func:`slide_stem` gives the same stem for a slide named in an omic table or a slide list.
+the same way. A folder holding DICOM files (``.dcm``) is one DICOM WSI series, i.e. one slide named
+by the folder (its files are not searched further). Outputs are named by slide name (the file name
+without its extension, ``.ome.tif`` counting as one extension), so two slides with one name are an
+error; :func:`slide_stem` gives the same name for a slide named in an omic table or a slide list.
 """
 
 from __future__ import annotations
@@ -13,15 +15,27 @@ import os
 from pathlib import Path
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif")
+#: the file suffix of the instances of a DICOM WSI series (one folder per slide)
+DICOM_SUFFIX = ".dcm"
+#: the inner suffix of OME-TIFF files (``slide.ome.tif``), part of the extension
+OME_SUFFIX = ".ome"
 
 
 class SlideFolderError(ValueError):
-    """The slides folder is missing, or two of its slide files share a stem (the message says which;
-    the caller names the folder)."""
+    """The slides folder is missing, or two of its slides share a name (the message says which; the
+    caller names the folder)."""
+
+
+def is_dicom_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder with at least one DICOM file (``*.dcm``) directly in it."""
+    path = Path(path)
+    return path.is_dir() and any(f.suffix.lower() == DICOM_SUFFIX and not f.name.startswith(".")
+                                 for f in path.iterdir())
 
 
 def find_slide_files(folder: str | Path) -> dict[str, Path]:
-    """Slide stem -> path for every slide file under ``folder`` (hidden files and folders skipped).
+    """Slide name -> path for every slide under ``folder`` (a file, or a DICOM series' folder);
+    hidden files and folders are skipped.
 
     Links to folders are followed once each, so a loop of links cannot hang the listing.
     """
@@ -36,11 +50,20 @@ def find_slide_files(folder: str | Path) -> dict[str, Path]:
             dirs[:] = []
             continue
         seen.add(real)
+        visible = [name for name in files if not name.startswith(".")]
+        dicom = any(Path(n).suffix.lower() == DICOM_SUFFIX for n in visible)
+        if dicom and Path(here) == root:
+            raise SlideFolderError("DICOM files straight in the slides folder: put each DICOM series "
+                                   "in a folder of its own, named by its slide")
+        if dicom:
+            dirs[:] = []  # a DICOM series: the folder is the slide
+            found.setdefault(Path(here).name, []).append(Path(here))
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
+        for name in visible:
             path = Path(here) / name
-            if not name.startswith(".") and path.suffix.lower() in SLIDE_SUFFIXES:
-                found.setdefault(path.stem, []).append(path)
+            if path.suffix.lower() in SLIDE_SUFFIXES:
+                found.setdefault(slide_stem(name), []).append(path)
     clashes = {stem: paths for stem, paths in found.items() if len(paths) > 1}
     if clashes:
         stem, paths = sorted(clashes.items())[0]
@@ -50,7 +73,11 @@ def find_slide_files(folder: str | Path) -> dict[str, Path]:
     return {stem: paths[0] for stem, paths in sorted(found.items())}
 
 
-def slide_stem(name: str) -> str:
-    """A slide file name without its extension (``x.svs`` -> ``x``); a bare stem is returned as is."""
+def slide_stem(name: str | Path) -> str:
+    """A slide's name: the file name without its extension (``x.svs`` -> ``x``, ``x.ome.tif`` ->
+    ``x``); a DICOM series' folder name, or a bare stem, is returned as is."""
     path = Path(name)
-    return path.stem if path.suffix.lower() in SLIDE_SUFFIXES else path.name
+    if path.suffix.lower() not in SLIDE_SUFFIXES:
+        return path.name
+    stem = Path(path.stem)
+    return stem.stem if stem.suffix.lower() == OME_SUFFIX else stem.name

@@ -24,6 +24,7 @@ nearest whole pixel (at most half a decoded pixel away); OpenSlide interpolates 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -37,8 +38,11 @@ import openslide
 import tifffile
 from PIL import Image
 
+from preprocessing.core.errors import InputError
+from preprocessing.slides.reader import open_slide
+
 #: OpenSlide vendors whose tiled JPEG levels this reader serves
-SUPPORTED_VENDORS = ("aperio", "generic-tiff")
+SUPPORTED_VENDORS = ("aperio", "generic-tiff", "ome-tiff")
 #: JPEG DCT scaling denominators libjpeg offers through PIL's draft
 DCT_DENOMINATORS = (1, 2, 4, 8)
 #: most bytes of decoded tiles kept per reader process
@@ -100,11 +104,13 @@ class Plan:
 def probe(path: str | Path) -> Layout | str:
     """The slide's tile layout, or why this reader cannot serve it (it is then read with OpenSlide)."""
     try:
-        with openslide.OpenSlide(str(path)) as slide:
+        with contextlib.closing(open_slide(path)) as slide:
             vendor = str(slide.properties.get(openslide.PROPERTY_NAME_VENDOR))
             levels = list(zip(slide.level_dimensions, slide.level_downsamples, strict=True))
+    except InputError as err:
+        return f"it cannot be opened ({err.reason})"
     except (openslide.OpenSlideError, OSError) as err:
-        return f"OpenSlide cannot open it ({err})"
+        return f"it cannot be opened ({err})"
     if vendor not in SUPPORTED_VENDORS:
         return f"vendor {vendor!r}: tiles are read for {', '.join(SUPPORTED_VENDORS)} slides only"
     try:

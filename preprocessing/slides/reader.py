@@ -1,8 +1,14 @@
 """Whole-slide images: open a slide, resolve its micrometres per pixel (MPP), pick a pyramid level,
 read regions at a physical size.
 
-Slides are read with openslide-python directly (``openslide.OpenSlide``), so every format OpenSlide
-reads works (Aperio SVS, generic tiled TIFF, Hamamatsu, MIRAX, Philips, Ventana, ...).
+:func:`open_slide` opens every format users bring behind OpenSlide's interface:
+
+- files OpenSlide reads (Aperio SVS, generic tiled TIFF, Hamamatsu, MIRAX, Philips, Ventana, ...)
+  with ``openslide.OpenSlide``;
+- a DICOM WSI series (a folder of ``.dcm`` instances, :mod:`preprocessing.slides.dicom`) with
+  OpenSlide too, once the folder is checked to hold one complete series;
+- OME-TIFF (its pyramid in SubIFDs or series levels) and TIFFs OpenSlide refuses (stored in strips)
+  with tiffslide (:mod:`preprocessing.slides.tiff_slide`).
 
 MPP resolution order (the first source that gives a value wins; its name is recorded as
 ``mpp_source`` and the property it came from as ``mpp_detail``):
@@ -12,7 +18,10 @@ MPP resolution order (the first source that gives a value wins; its name is reco
    It ranks right after ``--mpp`` and *above* the slide's metadata on purpose: such a table exists
    because someone checked slides whose metadata is wrong or missing. Ranked below the metadata it
    could only fill gaps (which ``--default-mpp`` already does) and never correct a wrong value.
-3. ``openslide``: ``openslide.mpp-x`` / ``openslide.mpp-y`` (OpenSlide's normalised reading).
+3. ``dicom``: a DICOM series' pixel spacing (``PixelMeasuresSequence`` ``PixelSpacing``, in mm).
+   ``ome``: an OME-TIFF's ``PhysicalSizeX`` / ``PhysicalSizeY`` in their OME-XML unit (one the code
+   does not know, such as ``pixel``, is an error rather than a guess).
+   ``openslide``: ``openslide.mpp-x`` / ``openslide.mpp-y`` (OpenSlide's normalised reading).
 4. ``vendor``: vendor properties OpenSlide passes through (``aperio.MPP``, ``ventana.ScanRes``, ...).
 5. ``tiff``: ``tiff.XResolution`` / ``tiff.YResolution`` when ``tiff.ResolutionUnit`` is a real unit
    (centimetre or inch).
@@ -40,6 +49,9 @@ import openslide
 import pandas as pd
 
 from preprocessing.core.errors import InputError
+from preprocessing.slides import dicom
+from preprocessing.slides.files import is_dicom_folder
+from preprocessing.slides.tiff_slide import TiffHandle, is_ome_tiff, is_tiff
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +71,11 @@ _VENDOR_MPP = (
      "mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_Y", 1.0),
 )
 _OBJECTIVE = ("openslide.objective-power", "aperio.AppMag", "hamamatsu.SourceLens")
+#: a DICOM series' pixel spacing (row, column) in mm, as OpenSlide names it
+_DICOM_SPACING = "dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[{}]"
+#: micrometres per OME-XML length unit, for the units a slide's pixel size may come in
+_UM_PER_OME_UNIT = {"m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "µm": 1.0, "nm": 1e-3, "pm": 1e-6,
+                    "Å": 1e-4, "in": 25400.0, "thou": 25.4}
 
 
 @dataclass(frozen=True)
@@ -70,25 +87,58 @@ class MppResult:
     detail: str
 
 
-def open_slide(path: str | Path) -> openslide.OpenSlide:
-    """Open a slide with OpenSlide; a missing, unsupported or corrupt file is an InputError."""
+#: what :func:`open_slide` returns: OpenSlide's handle, or tiffslide's behind the same interface
+Slide = openslide.OpenSlide | TiffHandle
+
+
+def open_slide(path: str | Path) -> Slide:
+    """Open a slide file or a DICOM series' folder (see the module docstring); a missing,
+    unsupported, incomplete or corrupt slide is an InputError."""
     path = Path(path)
     if not path.exists():
-        raise InputError(path, "no such file")
-    if not path.is_file():
+        raise InputError(path, "no such file or folder")
+    if path.is_dir():
+        if not is_dicom_folder(path):
+            raise InputError(path, "a folder without DICOM instances (.dcm files): not a slide")
+        slide = _openslide(dicom.check_series(path), path)
+        try:
+            dicom.check_frames(slide, path)
+        except InputError:
+            slide.close()
+            raise
+    elif not path.is_file():
         raise InputError(path, "not a file")
-    try:
-        slide = openslide.OpenSlide(path)
-    except openslide.OpenSlideUnsupportedFormatError:
-        raise InputError(path, "not a slide OpenSlide can read (unsupported format, not an image, "
-                               "or truncated)") from None
-    except openslide.OpenSlideError as err:
-        raise InputError(path, f"corrupt or unreadable slide: {err}") from None
+    elif is_ome_tiff(path):
+        slide = _tiffslide(path)
+    else:
+        try:
+            slide = _openslide(path, path)
+        except InputError:
+            if not is_tiff(path):
+                raise
+            slide = _tiffslide(path)  # e.g. a flat TIFF stored in strips
     width, height = slide.dimensions
     if width <= 0 or height <= 0:
         slide.close()
         raise InputError(path, f"slide has empty level 0 ({width} x {height} px)")
     return slide
+
+
+def _openslide(file: Path, name: Path) -> openslide.OpenSlide:
+    try:
+        return openslide.OpenSlide(file)
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise InputError(name, "not a slide OpenSlide can read (unsupported format, not an image, "
+                               "or truncated)") from None
+    except openslide.OpenSlideError as err:
+        raise InputError(name, f"corrupt or unreadable slide: {err}") from None
+
+
+def _tiffslide(path: Path) -> TiffHandle:
+    try:
+        return TiffHandle(path)
+    except openslide.OpenSlideError as err:
+        raise InputError(path, f"corrupt or unreadable TIFF: {err}") from None
 
 
 def read_mpp_overrides(path: str | Path) -> dict[str, float]:
@@ -180,6 +230,40 @@ def _vendor(slide: str | Path, props: Mapping[str, str]) -> tuple[float, str] | 
     return None
 
 
+def _dicom(slide: str | Path, props: Mapping[str, str]) -> tuple[float, str] | None:
+    """MPP from a DICOM series' pixel spacing (mm; rows first, so y then x)."""
+    ky, kx = _DICOM_SPACING.format(0), _DICOM_SPACING.format(1)
+    if ky not in props:
+        return None
+    found = _pair(slide, props, kx if kx in props else ky, ky, scale=1000.0)
+    if found is None:
+        return None
+    return found[0], f"DICOM PixelSpacing {props[ky]}\\{props.get(kx, props[ky])} mm"
+
+
+def _ome(slide: str | Path, props: Mapping[str, str]) -> tuple[float, str] | None:
+    """MPP from an OME-TIFF's OME-XML ``PhysicalSizeX`` / ``PhysicalSizeY`` in their unit."""
+    if "ome.error" in props:
+        raise InputError(slide, f"{props['ome.error']}; give --mpp or an override table entry")
+    if "ome.PhysicalSizeX" not in props:
+        return None
+    sizes = []
+    for axis in ("X", "Y"):
+        if f"ome.PhysicalSize{axis}" not in props:
+            continue
+        unit = props.get(f"ome.PhysicalSize{axis}Unit", "µm")  # the schema's default unit
+        if unit not in _UM_PER_OME_UNIT:
+            raise InputError(slide, f"OME-XML PhysicalSize{axis}Unit {unit!r} is not a length unit this "
+                                    f"code converts ({', '.join(_UM_PER_OME_UNIT)}); give --mpp or an "
+                                    "override table entry")
+        sizes.append(_number(slide, f"OME-XML PhysicalSize{axis}", props[f"ome.PhysicalSize{axis}"])
+                     * _UM_PER_OME_UNIT[unit])
+    detail = ", ".join(f"OME-XML PhysicalSize{a}={props[f'ome.PhysicalSize{a}']} "
+                       f"{props.get(f'ome.PhysicalSize{a}Unit', 'µm')}" for a in ("X", "Y")
+                       if f"ome.PhysicalSize{a}" in props)
+    return (_square(slide, sizes[0], sizes[-1], detail), detail)
+
+
 def _tiff(slide: str | Path, props: Mapping[str, str]) -> tuple[float, str] | None:
     unit = props.get("tiff.ResolutionUnit", "").strip().lower()
     if unit not in _UM_PER_UNIT or "tiff.XResolution" not in props:
@@ -225,6 +309,8 @@ def resolve_mpp(props: Mapping[str, str], slide: str | Path, *, cli_mpp: float |
         found = (overrides[key], "overrides", f"override table entry {key!r}")
     else:
         sources = (
+            ("dicom", lambda: _dicom(slide, props)),
+            ("ome", lambda: _ome(slide, props)),
             ("openslide", lambda: _pair(slide, props, "openslide.mpp-x", "openslide.mpp-y")),
             ("vendor", lambda: _vendor(slide, props)),
             ("tiff", lambda: _tiff(slide, props)),
@@ -238,9 +324,10 @@ def resolve_mpp(props: Mapping[str, str], slide: str | Path, *, cli_mpp: float |
         if found is None and default_mpp is not None:
             found = (float(default_mpp), "default", f"--default-mpp {default_mpp:g}")
     if found is None:
-        raise InputError(slide, "no MPP: the slide has no resolution metadata (openslide.mpp-x, vendor "
-                                "MPP, TIFF resolution in cm/inch, objective power); give --mpp, an "
-                                "override table entry or --default-mpp")
+        raise InputError(slide, "no MPP: the slide has no resolution metadata (DICOM pixel spacing, "
+                                "OME-XML PhysicalSizeX, openslide.mpp-x, vendor MPP, TIFF resolution "
+                                "in cm/inch, objective power); give --mpp, an override table entry or "
+                                "--default-mpp")
     mpp, source, detail = found
     if not (math.isfinite(mpp) and MPP_MIN <= mpp <= MPP_MAX):
         raise InputError(slide, f"implausible MPP {mpp:g} um/px from {source} ({detail}): expected "

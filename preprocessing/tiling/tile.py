@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from preprocessing.core.atomic import atomic_output
 from preprocessing.core.errors import InputError
+from preprocessing.slides.files import slide_stem
 from preprocessing.slides.reader import (
     LEVEL_TOLERANCE,
     level_for_mpp,
@@ -143,10 +144,11 @@ def _tile_open_slide(slide: openslide.OpenSlide, path: Path, *, target_mpp: floa
                    {"level": level, "downsample": ds, "patch_size_level0": p0, "patch_size": patch_size})
 
     meta: dict[str, Any] = {
-        "slide": path.stem,
+        "slide": slide_stem(path),
         "slide_file": path.name,
         "slide_path": str(path.resolve()),
         "vendor": props.get("openslide.vendor"),
+        "container_id": props.get("dicom.ContainerIdentifier"),
         "width": width,
         "height": height,
         "level_count": slide.level_count,
@@ -398,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="healnet tile",
         description="Tissue mask and MPP-aware patch grid of one slide (tiles Parquet), plus a QC picture.")
-    parser.add_argument("slide", type=Path, help="whole-slide image (any format OpenSlide reads)")
+    parser.add_argument("slide", type=Path, help="whole-slide image: a file (SVS, OME-TIFF, TIFF, any format "
+                        "OpenSlide reads) or a DICOM WSI series' folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="tiles Parquet file to write")
     parser.add_argument("--qc", type=Path, help="QC picture (PNG) to write")
     parser.add_argument("--target-mpp", type=_positive_float, default=0.5,
@@ -436,7 +439,8 @@ def cli(argv: list[str] | None = None) -> int:
             reason = f"{type(err).__name__}: {err}"
         print(f"healnet tile: error: {args.slide}: {reason}", file=sys.stderr)
         meta = {
-            "slide": args.slide.stem, "slide_file": args.slide.name, "slide_path": str(args.slide.resolve()),
+            "slide": slide_stem(args.slide), "slide_file": args.slide.name,
+            "slide_path": str(args.slide.resolve()),
             "failed": reason, "level": None, "downsample": None, "patch_size_level0": None,
             "patch_size": args.patch_size, "target_mpp": args.target_mpp, "mpp": None, "mpp_source": None,
             "min_tissue_fraction": args.min_tissue_fraction, "n_patches": 0, "warning": None,
