@@ -296,8 +296,9 @@ def test_a_cohort_of_trident_files_trains_as_the_same_features_extracted_here(ti
 def test_a_cohort_mixing_svs_dicom_and_ome_tiff_runs_end_to_end(tiny_run: Path, tmp_path: Path) -> None:
     """The tiny cohort's slides in a folder of three formats (a third each: SVS, DICOM series made by
     wsidicomizer, OME-TIFF pyramids), with its omic tables, as a user's own cohort: every slide is
-    tiled at the pixel size of its own metadata, the DICOM ones embed exactly as their SVS did (the
-    same JPEG tiles), the OME-TIFF ones within re-encoding (mean cosine >= 0.99), and the models train."""
+    tiled at the pixel size of its own metadata to the SVS's patch grid, and embedded to the SVS's
+    features (mean cosine >= 0.99: the SVS's 40x tiles are read by the JPEG tile reader at half
+    scale, the DICOM ones by OpenSlide, the OME-TIFF ones re-encoded), and the models train."""
     from converters import dicomize, write_ome_tiff
 
     from preprocessing.features.store import read_store
@@ -338,7 +339,7 @@ def test_a_cohort_mixing_svs_dicom_and_ome_tiff_runs_end_to_end(tiny_run: Path, 
         pairs = [(index[tuple(c)], j) for j, c in enumerate(our_coords) if tuple(c) in index]
         a, b = theirs[[i for i, _ in pairs]], ours[[j for _, j in pairs]]
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        assert cosine.mean() >= (0.9999 if kind != "ome" else 0.99), (stem, kind, cosine.mean())
+        assert cosine.mean() >= 0.99, (stem, kind, cosine.mean())
     assert set(kinds.values()) == {"svs", "dicom", "ome"}
     summary = pd.read_csv(mine / "results/MIXED/summary.csv")
     assert "abmil" in set(summary["model"])

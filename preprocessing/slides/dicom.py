@@ -19,6 +19,7 @@ The slide is named by its folder (:mod:`preprocessing.slides.files`); its contai
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def check_frames(slide: openslide.AbstractSlide, folder: str | Path) -> None:
                                      f"an instance cut short? ({one_line(err)})") from None
 
 
-def container_identifier(slide: openslide.AbstractSlide) -> str | None:
-    """The series' container identifier (the slide's label) as OpenSlide reports it, if any."""
-    value = slide.properties.get("dicom.ContainerIdentifier")
+def container_identifier(props: Mapping[str, str]) -> str | None:
+    """A DICOM series' container identifier (the slide's label, e.g. a TCGA barcode) from the slide's
+    OpenSlide properties; None for other slides and for a converter's placeholder."""
+    value = props.get("dicom.ContainerIdentifier")
     return None if value in (None, "", "Unknown") else str(value)

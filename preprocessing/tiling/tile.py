@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from preprocessing.core.atomic import atomic_output
 from preprocessing.core.errors import InputError
+from preprocessing.slides.dicom import container_identifier
 from preprocessing.slides.files import slide_stem
 from preprocessing.slides.reader import (
     LEVEL_TOLERANCE,
@@ -148,7 +149,7 @@ def _tile_open_slide(slide: openslide.OpenSlide, path: Path, *, target_mpp: floa
         "slide_file": path.name,
         "slide_path": str(path.resolve()),
         "vendor": props.get("openslide.vendor"),
-        "container_id": props.get("dicom.ContainerIdentifier"),
+        "container_id": container_identifier(props),
         "width": width,
         "height": height,
         "level_count": slide.level_count,
