@@ -20,7 +20,8 @@ from healnet.training.search import candidates, with_choice
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SEARCH = {"search": {"lr": [1e-4, 3e-3], "baseline_dropout": [0.0, 0.5]}, "search_folds": 2, "epochs": 2}
+SEARCH = {"search": {"lr": [1e-4, 3e-3], "baseline_dropout": [0.0, 0.5]}, "search_folds": 2, "epochs": 2,
+          "ensemble": 2}
 
 
 def search_log(out: Path) -> dict:
@@ -28,7 +29,7 @@ def search_log(out: Path) -> dict:
 
 
 def test_the_choice_reads_no_held_out_patient_and_is_the_same_for_a_seed(
-        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Shuffling fold 0's held-out survival leaves every inner score and the choice as they were; a
     second run with the same seed chooses the same; the chosen settings are those the fold trained with."""
     cohort, _ = shared_cohort(tmp_path_factory)
@@ -57,6 +58,7 @@ def test_the_choice_reads_no_held_out_patient_and_is_the_same_for_a_seed(
     trained_with = json.loads((tmp_path / "a/results/snn/log.json").read_text())["training"]
     assert trained_with["search"] == SEARCH["search"]  # the run's settings; the fold's choice is its own
     assert not (tmp_path / "a/models/snn/search-fold0").exists()  # the inner fits leave nothing behind
+    assert "saved with other settings" not in caplog.text  # no fit meets another fit's saved state
     # the summary lists the choice per run and fold
     runs = as_runs(tmp_path / "a", tmp_path / "runs", ["snn"])
     out = runs / "results" / "summary.csv"

@@ -131,13 +131,16 @@ def select_settings(cohort: Cohort, model_name: str, fold: int, settings: Settin
     log.info("fold %d: searching %d settings x %d inner folds = %d fits, then one on the whole training "
              "fold", fold, len(grid), len(splits), len(grid) * len(splits))
     inners = [inner_fold_inputs(outer, cohort, fit, score, settings.n_bins) for fit, score in splits]
-    scratch = models_dir / f"search-fold{fold}"  # the inner fits' saved states, removed at the end
+    # the inner fits' saved states, one folder per fit (a fit never meets another's state), removed
+    # at the end
+    scratch = models_dir / f"search-fold{fold}"
     results, started = [], time.perf_counter()
     try:
         for i, choice in enumerate(grid):
             chosen = with_choice(settings, choice)
-            scores = [inner_c_index(cohort, model_name, inner, chosen, device, scratch, workers, cache_dir)
-                      for inner in inners]
+            scores = [inner_c_index(cohort, model_name, inner, chosen, device,
+                                    scratch / f"setting{i}-inner{k}", workers, cache_dir)
+                      for k, inner in enumerate(inners)]
             finite = [v for v in scores if np.isfinite(v)]
             results.append({"setting": choice, "inner_c_index": scores,
                             "mean": float(np.mean(finite)) if finite else float("nan")})
