@@ -353,18 +353,20 @@ def test_a_job_past_its_time_limit_is_resubmitted_and_resumes(
                "--features-dir", str(store.parent), "--models-dir", str(workdir / "reference/models"),
                "--results-dir", str(workdir / "reference/results"), "--threads", "1", "--workers", "0",
                "--save-state-minutes", "60", "--device", "cpu"]  # no saves: same numbers, much faster
-        reference["process"] = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.PIPE, text=True)
+        # its log (a line per epoch) to a file: into a pipe nobody reads until the end, it would fill
+        # the pipe and stall the training until the cluster run is over
+        with (workdir / "reference.log").open("w") as log:
+            reference["process"] = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
 
     try:
         run = snakemake(slurm_cluster, workdir, profile, str(target), "--set-resources", SHORT_THEN_LONG,
                         "train:slurm_partition=gpu", config="long.yaml", during=train_beside)
-        _, stderr = reference["process"].communicate(timeout=600)
+        reference["process"].wait(timeout=600)
     finally:
         if "process" in reference and reference["process"].poll() is None:
             reference["process"].kill()
     assert run.returncode == 0, run.output[-4000:]
-    assert reference["process"].returncode == 0, stderr[-3000:]
+    assert reference["process"].returncode == 0, (workdir / "reference.log").read_text()[-3000:]
     trains = [slurm_cluster.job(j) for j in run.job_ids if rule_of(slurm_cluster.job(j)) == "train"]
     assert [j["JobState"] for j in trains] == ["TIMEOUT", "COMPLETED"], trains
     assert [j["TimeLimit"] for j in trains] == ["00:01:00", "00:10:00"]
