@@ -122,10 +122,10 @@ def test_fold_fitting_ignores_validation_values(luad: dict) -> None:
 
 
 def test_shipped_luad_config_runs_through_the_workflow(table: Path, splits_dir: Path, tmp_path: Path) -> None:
-    """workflow/configs/luad_omics.yaml as a user runs it (here the SNN only, one epoch, no search), through to
-    the report. Two things once broke this omics-only path: the weight decay of 0.00001 reaches the
-    training jobs as JSON ("1e-05"), which stopped every fold with "not of type number"; and with no
-    slides folder the report rule passed an empty --slides-dir."""
+    """workflow/configs/luad_omics.yaml as a user runs it (here the SNN only, one epoch, no search),
+    through to the report. Two things once broke this omics-only path: the weight decay of 0.00001
+    reaches the training jobs as JSON ("1e-05"), which stopped every fold with "not of type
+    number"; and with no slides folder the report rule passed an empty --slides-dir."""
     repo = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((repo / "workflow" / "configs" / "luad_omics.yaml").read_text())
     config["cohorts"]["LUAD"] = {"omics": str(table.resolve()), "splits": str(splits_dir.resolve())}
