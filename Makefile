@@ -29,8 +29,11 @@ run: $(STAMP)
 	if [ ! -f "$$report" ] || [ -n "$$(find "$$out/results" "$$out/qc" -newer "$$report" -print -quit 2>/dev/null)" ]; then \
 		echo "$(BIN)/snakemake --report $$report"; $(RUN_ENV) $(BIN)/snakemake --report "$$report"; fi
 
+# Two pytest workers, each taking whole test files (a module's fixtures, such as the tiny workflow
+# run that test_workflow.py shares, are built once): the workflow tests wait on Snakemake jobs and
+# their start-up much of the time, and the other files fill those gaps.
 test: $(STAMP) dicomizer
-	$(RUN_ENV) $(BIN)/pytest -q
+	$(RUN_ENV) $(BIN)/pytest -q -n $(CORES) --dist loadfile
 
 # The slide-format tests convert the real CMU-1 slide to DICOM with wsidicomizer, which needs the
 # system TurboJPEG library (Debian libturbojpeg0, installed here when missing and we are root with

@@ -30,6 +30,8 @@ TINY = {
     "report": {"heatmap_slides": 2},
 }
 
+# The second encoder of the two-encoder run: any timm model, with the CNNs' geometry (256 px at 0.5)
+SECOND = "mobilenetv3_small_100"
 # Every rule but `all`, each named after what it runs (see the name test below).
 RULES = {"demo", "tile", "encoder", "extract", "import_features", "omics", "config_snapshot", "train",
          "collect", "evaluate", "report"}
@@ -235,10 +237,10 @@ def test_a_second_encoder_shares_the_tiles_and_joins_the_summary(tiny_run: Path,
     import timm
 
     run = Path(shutil.copytree(tiny_run, tmp_path / "run", symlinks=True))
-    weights = tmp_path / "resnet50.pth"  # in the layout of timm's resnet50 checkpoint
-    torch.save(timm.create_model("resnet50", pretrained=False).state_dict(), weights)
+    weights = tmp_path / "mobilenet.pth"  # in the layout of timm's checkpoint (a small CNN: fast on CPU)
+    torch.save(timm.create_model(SECOND, pretrained=False).state_dict(), weights)
     config = copy.deepcopy(TINY) | {"models": ["snn", "abmil"]}
-    two = {"encoders": ["efficientnet_lite0", "resnet50_trunc"], "weights": {"resnet50_trunc": str(weights)}}
+    two = {"encoders": ["efficientnet_lite0", SECOND], "weights": {SECOND: str(weights)}}
     (run / "config.yaml").write_text(yaml.safe_dump(config | {"extract": two}))
     ran = snakemake(run, "--cores", "2")
     assert ran.returncode == 0, ran.stderr[-4000:]
@@ -248,9 +250,9 @@ def test_a_second_encoder_shares_the_tiles_and_joins_the_summary(tiny_run: Path,
     summary = pd.read_csv(run / OUT / "results/TINY/summary.csv")
     full = summary[summary["setting"] == "full"]
     assert sorted(zip(full["model"], full["encoder"], strict=True)) == [
-        ("abmil", "efficientnet_lite0"), ("abmil", "resnet50_trunc"), ("snn", "none")]
-    assert "| abmil | resnet50_trunc | full |" in (run / OUT / "results/TINY/summary.md").read_text()
-    assert (run / OUT / "features/TINY/resnet50_trunc/encoder.pt").is_file()
+        ("abmil", "efficientnet_lite0"), ("abmil", SECOND), ("snn", "none")]
+    assert f"| abmil | {SECOND} | full |" in (run / OUT / "results/TINY/summary.md").read_text()
+    assert (run / OUT / f"features/TINY/{SECOND}/encoder.pt").is_file()
 
     one = {"encoders": ["efficientnet_lite0"]}
     (run / "config.yaml").write_text(yaml.safe_dump(config | {"extract": one}))
@@ -278,7 +280,7 @@ def test_a_cohort_of_trident_files_trains_as_the_same_features_extracted_here(ti
             write_trident(h5 / f"{store.stem}.h5", features, coords, encoder="efficientnet_lite0",
                           patch_size_level0=attrs["patch_size_level0"], level0_width=10**6,
                           level0_height=10**6)
-    config = copy.deepcopy(TINY) | {"models": ["snn", "abmil"], "outdir": str(tmp_path / "out")}
+    config = copy.deepcopy(TINY) | {"models": ["abmil"], "outdir": str(tmp_path / "out")}
     config["cohorts"] = {"TINY": {"omics": str(out / "data/TINY/omics"), "features": {
         "format": "trident", "path": str(h5), "encoder": "efficientnet_lite0"}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -294,8 +296,8 @@ def test_a_cohort_of_trident_files_trains_as_the_same_features_extracted_here(ti
 
 
 def test_a_cohort_mixing_svs_dicom_and_ome_tiff_runs_end_to_end(tiny_run: Path, tmp_path: Path) -> None:
-    """The tiny cohort's slides in a folder of three formats (a third each: SVS, DICOM series made by
-    wsidicomizer, OME-TIFF pyramids), with its omic tables, as a user's own cohort: every slide is
+    """Six of the tiny cohort's slides in a folder of three formats (two each: SVS, DICOM series made
+    by wsidicomizer, OME-TIFF pyramids), with its omic tables, as a user's own cohort: every slide is
     tiled at the pixel size of its own metadata to the SVS's patch grid, and embedded to the SVS's
     features (mean cosine >= 0.99: the SVS's 40x tiles are read by the JPEG tile reader at half
     scale, the DICOM ones by OpenSlide, the OME-TIFF ones re-encoded), and the models train."""
@@ -307,10 +309,11 @@ def test_a_cohort_mixing_svs_dicom_and_ome_tiff_runs_end_to_end(tiny_run: Path, 
     out = tiny_run / OUT
     slides = tmp_path / "slides"
     slides.mkdir()
-    kinds = {}
-    tiled = {p.stem for p in (out / "tiles/TINY").glob("*/*.parquet") if not read_tiles(p)[1]["failed"]}
-    for i, svs in enumerate(sorted((out / "data/TINY/slides").glob("*.svs"))):
-        kinds[svs.stem] = kind = ("svs", "dicom", "ome")[i % 3] if svs.stem in tiled else "svs"
+    kinds = {}  # two slides of each format; the other patients are in the cohort with omics alone
+    tiled = sorted(p.stem for p in (out / "tiles/TINY").glob("*/*.parquet") if read_tiles(p)[0].shape[0])
+    for i, stem in enumerate(tiled[:6]):
+        svs = out / f"data/TINY/slides/{stem}.svs"
+        kinds[stem] = kind = ("svs", "dicom", "ome")[i % 3]
         if kind == "svs":
             (slides / svs.name).symlink_to(svs)
         elif kind == "dicom":
@@ -326,15 +329,10 @@ def test_a_cohort_mixing_svs_dicom_and_ome_tiff_runs_end_to_end(tiny_run: Path, 
     source = {"svs": "openslide", "dicom": "dicom", "ome": "ome"}
     for stem, kind in kinds.items():
         meta = read_tiles(one_file(mine / "tiles/MIXED", f"*/{stem}.parquet"))[1]
-        if meta["failed"]:
-            assert kind == "svs", (stem, meta["failed"])  # the corrupt demo slide stays failed
-            continue
         assert meta["mpp_source"] == source[kind], (stem, meta["mpp_detail"])
         theirs, coords = read_store(out / f"features/TINY/efficientnet_lite0/{stem}.zarr")
         ours, our_coords = read_store(mine / f"features/MIXED/efficientnet_lite0/{stem}.zarr")
         assert abs(len(ours) - len(theirs)) <= max(1, 0.02 * len(theirs)), (stem, kind)
-        if not len(theirs):  # a slide of the tiny demo may have no patch of tissue
-            continue
         index = {tuple(c): i for i, c in enumerate(coords)}
         pairs = [(index[tuple(c)], j) for j, c in enumerate(our_coords) if tuple(c) in index]
         a, b = theirs[[i for i, _ in pairs]], ours[[j for _, j in pairs]]
