@@ -26,16 +26,10 @@ from typing import Any
 import openslide
 
 from preprocessing.core.errors import InputError, one_line
-from preprocessing.slides.files import DICOM_SUFFIX
+from preprocessing.slides.files import DICOM_SUFFIX, dicom_instances
 
 #: SOP class of VL Whole Slide Microscopy Image Storage
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
-
-
-def instance_files(folder: str | Path) -> list[Path]:
-    """The ``.dcm`` files directly in ``folder`` (hidden ones skipped), sorted by name."""
-    return sorted(f for f in Path(folder).iterdir()
-                  if f.suffix.lower() == DICOM_SUFFIX and not f.name.startswith(".") and f.is_file())
 
 
 def _header(path: Path, folder: Path) -> Any:
@@ -52,7 +46,7 @@ def check_series(folder: str | Path) -> Path:
     """Check the DICOM series in ``folder`` (see the module docstring); the instance file of its
     finest ``VOLUME`` level, for OpenSlide to open. An InputError naming the folder otherwise."""
     folder = Path(folder)
-    files = instance_files(folder)
+    files = dicom_instances(folder)
     if not files:
         raise InputError(folder, f"no DICOM instances ({DICOM_SUFFIX} files) in the folder")
     headers = {f: _header(f, folder) for f in files}

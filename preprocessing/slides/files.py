@@ -26,11 +26,23 @@ class SlideFolderError(ValueError):
     caller names the folder)."""
 
 
+def _is_dicom_name(name: str) -> bool:
+    """Whether a file name is a (visible) DICOM instance's."""
+    return not name.startswith(".") and Path(name).suffix.lower() == DICOM_SUFFIX
+
+
+def dicom_instances(folder: str | Path) -> list[Path]:
+    """The DICOM files (``*.dcm``, hidden ones skipped) directly in ``folder``, sorted by name; none
+    for a path that is not a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir() if _is_dicom_name(f.name) and f.is_file())
+
+
 def is_dicom_folder(path: str | Path) -> bool:
     """Whether ``path`` is a folder with at least one DICOM file (``*.dcm``) directly in it."""
-    path = Path(path)
-    return path.is_dir() and any(f.suffix.lower() == DICOM_SUFFIX and not f.name.startswith(".")
-                                 for f in path.iterdir())
+    return bool(dicom_instances(path))
 
 
 def find_slide_files(folder: str | Path) -> dict[str, Path]:
@@ -51,7 +63,7 @@ def find_slide_files(folder: str | Path) -> dict[str, Path]:
             continue
         seen.add(real)
         visible = [name for name in files if not name.startswith(".")]
-        dicom = any(Path(n).suffix.lower() == DICOM_SUFFIX for n in visible)
+        dicom = any(_is_dicom_name(n) for n in visible)
         if dicom and Path(here) == root:
             raise SlideFolderError("DICOM files straight in the slides folder: put each DICOM series "
                                    "in a folder of its own, named by its slide")
