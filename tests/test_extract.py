@@ -229,7 +229,7 @@ def test_too_many_corrupt_tiles_fail_naming_the_slide(data, encoder, tmp_path):
     gone = tmp_path / "gone.svs"
     assert cli([str(gone), str(data["tiles"]), "-o", str(tmp_path / "gone.zarr"), "--no-progress",
                 "--on-slide-error", "record"]) == 0
-    assert _load(tmp_path / "gone.zarr")[2]["failed"] == "slide file not found"
+    assert _load(tmp_path / "gone.zarr")[2]["failed"] == "no such file or folder"
     other = write_tiles(tmp_path / "other.parquet", _grid(), {**META, "slide": "TCGA-XX-0000-01Z"})
     with raises_one_line_error(match="tiles were made from slide"):  # a pipeline error still fails
         extract_slide(slide, other, tmp_path / "o.zarr", encoder=encoder, progress=False,

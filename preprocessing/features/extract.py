@@ -359,8 +359,6 @@ def _describe(plan: _Plan, dtype: str, tiles: Path, coords: np.ndarray,
 
 def _open_and_check(slide: Path, tiles: Path, meta: dict[str, Any], coords: np.ndarray) -> int:
     """Open the slide and check the tiles against it; returns the read size in level pixels."""
-    if not slide.exists():
-        raise InputError(slide, "slide file not found")
     with contextlib.closing(open_slide(slide)) as handle:
         return _check_meta(tiles, slide, meta, handle, coords)
 

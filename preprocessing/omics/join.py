@@ -94,8 +94,11 @@ def stores_status(stems: Iterable[str], features_dir: str | Path) -> dict[str, s
         except InputError as err:
             status[stem] = "no feature store" if not path.exists() else err.reason
             continue
-        failed = store_attrs(path).get("failed")
-        status[stem] = f"failed: {failed}" if failed else (None if n else "no patches")
+        if n:
+            status[stem] = None
+            continue
+        failed = store_attrs(path).get("failed")  # only a store without patches records why
+        status[stem] = f"failed: {failed}" if failed else "no patches"
     return status
 
 
