@@ -54,6 +54,7 @@ wildcard_constraints:
     slide=r"[^/]+",
     model=r"[a-z_]+",
     fold=r"\d+",
+    setting=r"\d+",
     encoder=r"[A-Za-z0-9_.\-]+",
     geometry=r"\d+px_\d+(\.\d+)?mpp",
 

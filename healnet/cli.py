@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "import-features": ("preprocessing.features.import_features",
                         "CLAM or TRIDENT patch-feature .h5 files into our feature stores, with provenance"),
     "omics": ("preprocessing.omics.cli", "join clinical and omic tables per patient; folds and manifest"),
+    "search": ("healnet.training.search_cli",
+               "one candidate of training.search scored on one fold's inner folds (nested selection)"),
     "train": ("healnet.training.cli", "cross-validated training of one model on one cohort"),
     "collect": ("healnet.training.collect", "join per-fold training outputs into one model's results"),
     "evaluate": ("healnet.evaluation.summary", "per-cohort summary table of every trained model"),

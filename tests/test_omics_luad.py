@@ -122,19 +122,26 @@ def test_fold_fitting_ignores_validation_values(luad: dict) -> None:
 
 
 def test_shipped_luad_config_runs_through_the_workflow(table: Path, splits_dir: Path, tmp_path: Path) -> None:
-    """workflow/configs/luad_omics.yaml as a user runs it (here the SNN only, one epoch, no search),
-    through to the report. Two things once broke this omics-only path: the weight decay of 0.00001
-    reaches the training jobs as JSON ("1e-05"), which stopped every fold with "not of type
-    number"; and with no slides folder the report rule passed an empty --slides-dir."""
+    """workflow/configs/luad_omics.yaml as a user runs it (here the SNN only, one epoch, the recipe's
+    search over two of its settings with two inner folds), through to the report: one search job per
+    fold and candidate, announced when the run starts, and each fold's choice in its log. Two things
+    once broke this omics-only path: the weight decay of 0.00001 reaches the training jobs as JSON
+    ("1e-05"), which stopped every fold with "not of type number"; and with no slides folder the
+    report rule passed an empty --slides-dir."""
     repo = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((repo / "workflow" / "configs" / "luad_omics.yaml").read_text())
     config["cohorts"]["LUAD"] = {"omics": str(table.resolve()), "splits": str(splits_dir.resolve())}
     config["models"] = ["snn"]
     config["training"]["epochs"] = 1
-    config["training"]["search"] = None  # the recipe's nested search: tests/test_search.py
+    config["training"]["search"] = {"omic_max_features": config["training"]["search"]["omic_max_features"]}
+    config["training"]["search_folds"] = 2  # what the search chooses: tests/test_search.py
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = snakemake(tmp_path, "--cores", "2")
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "training.search: 10 search jobs (a candidate on a fold each), 20 inner fits" in run.stderr
+    assert len(list((tmp_path / "output/results/LUAD/none/snn/search").glob("fold*/setting*.json"))) == 10
+    log = json.loads((tmp_path / "output/results/LUAD/none/snn/log.json").read_text())
+    assert all(fold["search"]["chosen"]["omic_max_features"] in (32, 256) for fold in log["folds"])
     snapshot = json.loads((tmp_path / "output/results/LUAD/none/snn/config.json").read_text())
     assert snapshot["training"]["weight_decay"] == 1e-05
     folds = pd.read_csv(tmp_path / "output/results/LUAD/none/snn/folds.csv")

@@ -33,8 +33,8 @@ TINY = {
 # The second encoder of the two-encoder run: any timm model, with the CNNs' geometry (256 px at 0.5)
 SECOND = "mobilenetv3_small_100"
 # Every rule but `all`, each named after what it runs (see the name test below).
-RULES = {"demo", "tile", "encoder", "extract", "import_features", "omics", "config_snapshot", "train",
-         "collect", "evaluate", "report"}
+RULES = {"demo", "tile", "encoder", "extract", "import_features", "omics", "config_snapshot", "search",
+         "train", "collect", "evaluate", "report"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_every_file_the_run_writes_is_under_outdir(tiny_run: Path) -> None:
     out = tiny_run / OUT
     made = {"data", "tiles", "qc", "features", "omics", "models", "results", "logs", "benchmarks"}
     assert made <= {p.name for p in out.iterdir()} <= made | {"report.html"}
-    ran = RULES - {"import_features"}  # the tiny run imports no features
+    ran = RULES - {"import_features", "search"}  # the tiny run imports no features and searches nothing
     assert {p.name for p in (out / "logs").iterdir()} == ran
     assert {p.name for p in (out / "benchmarks").iterdir()} == ran
     assert (out / "logs/collect/TINY/efficientnet_lite0/healnet.log").is_file()
@@ -83,7 +83,8 @@ def test_a_rule_its_log_its_benchmark_and_its_command_share_one_name(tmp_path: P
     """Rule `x` logs to {outdir}/logs/x/..., benchmarks to {outdir}/benchmarks/x/... and runs
     `healnet x` (`healnet import-features` for import_features; config_snapshot, which writes a file
     with printf, runs no healnet command). Read from the dry run of a fresh demo cohort and a cohort
-    of imported features, which plans a job of every rule the Snakefile defines."""
+    of imported features, with a model search, which plans a job of every rule the Snakefile
+    defines. The search is one job per fold and candidate, and a fold's training waits for them."""
     (tmp_path / "h5").mkdir()
     (tmp_path / "h5" / "TCGA-AA-0001-01Z-00-DX1.h5").touch()
     (tmp_path / "clinical.tsv").touch()
@@ -91,6 +92,8 @@ def test_a_rule_its_log_its_benchmark_and_its_command_share_one_name(tmp_path: P
                 "features": {"format": "clam", "path": str(tmp_path / "h5"), "encoder": "uni"}}
     config = copy.deepcopy(TINY)
     config["cohorts"]["IMPORTED"] = imported
+    config["models"] = ["healnet", "snn", "coxph"]
+    config["training"]["search"] = {"lr": [0.001, 0.0002], "epochs": [2, 3, 4]}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     listed = snakemake(tmp_path, "--list-rules")
     assert listed.returncode == 0, listed.stderr[-3000:]
@@ -112,6 +115,13 @@ def test_a_rule_its_log_its_benchmark_and_its_command_share_one_name(tmp_path: P
     # the imported cohort is neither tiled nor extracted, and the demo cohort is not imported
     assert not [j for j in jobs if j["rule"] in ("tile", "extract") and "IMPORTED" in j["wildcards"]]
     assert not [j for j in jobs if j["rule"] == "import_features" and "TINY" in j["wildcards"]]
+    searched = {(j["wildcards"], j["output"]) for j in jobs if j["rule"] == "search"}
+    # two cohorts, each with HEALNet and the SNN (the Cox model has nothing to search), 3 folds, 6 candidates
+    assert len(searched) == 2 * 2 * 3 * 6 and not [w for w, _ in searched if "coxph" in w]
+    fold = next(j for j in jobs if j["rule"] == "train" and j["wildcards"].startswith("cohort=TINY")
+                and "model=snn" in j["wildcards"] and j["wildcards"].endswith("fold=1"))
+    scores = [f"{OUT}/results/TINY/none/snn/search/fold1/setting{i}.json" for i in range(6)]
+    assert set(scores) <= set(fold["input"].split(", ")) and "--search-dir" in fold["shell"]
 
 
 def failed_fold(model: str, fold: int) -> list[str]:

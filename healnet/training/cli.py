@@ -36,10 +36,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from healnet.config import BAGS_ON_DEVICE_WORDS
 from healnet.data.results import c_index_summary
 from healnet.modalities import MODEL_MODALITIES
-from healnet.settings import RunSettings, load_settings
+from healnet.settings import RunSettings, Settings, load_settings
 from healnet.training.collect import parse_folds
 from healnet.training.cv import run_cv
 from preprocessing.core.devices import resolve_device
@@ -47,8 +49,10 @@ from preprocessing.core.errors import InputError
 from preprocessing.core.workers import workers_argument
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="healnet train", description=__doc__.split("\n\n")[0])
+def run_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options ``healnet train`` and ``healnet search`` share: the run's config, cohort, model,
+    inputs and run settings."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="config.yaml (or the JSON snapshot Snakemake writes)")
     parser.add_argument("--cohort", required=True)
     parser.add_argument("--model", required=True, choices=sorted(MODEL_MODALITIES))
@@ -60,7 +64,6 @@ def _parser() -> argparse.ArgumentParser:
         help="folder of {slide}.zarr stores (absent or empty: no WSI)",
     )
     parser.add_argument("--models-dir", required=True, type=Path)
-    parser.add_argument("--results-dir", required=True, type=Path)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--workers", type=workers_argument, default=None,
                         help="processes reading WSI bags, or auto (default: training.workers of the config)")
@@ -79,7 +82,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="default: training.device of the config",
     )
+    return parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = run_parser("healnet train", __doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", required=True, type=Path)
     parser.add_argument("--folds", default=None, help="comma-separated fold numbers (default: all)")
+    parser.add_argument("--search-dir", type=Path, default=None,
+                        help="where `healnet search` wrote the inner scores of training.search "
+                        "(fold{k}/setting{i}.json); default: the search runs in this job")
     return parser
 
 
@@ -98,14 +110,20 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in given.items() if value is not None}
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """``healnet train``: cross-validated training of one model on one cohort."""
-    args = _parser().parse_args(argv)
+def run_settings(args: argparse.Namespace) -> tuple[Settings, torch.device]:
+    """The config's settings with the command line's run settings, and the device to run on."""
     settings = load_settings(args.config)
     device = resolve_device(args.device or settings.run.device)
     run: RunSettings = dataclasses.replace(settings.run, **run_overrides(args))
+    return dataclasses.replace(settings, run=run), device
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``healnet train``: cross-validated training of one model on one cohort."""
+    args = _parser().parse_args(argv)
+    settings, device = run_settings(args)
     table = run_cv(
-        dataclasses.replace(settings, run=run),
+        settings,
         args.cohort,
         args.model,
         args.omics_dir,
@@ -115,6 +133,7 @@ def cli(argv: list[str] | None = None) -> int:
         device,
         parse_folds(args.folds),
         args.threads,
+        args.search_dir,
     )
     print(f"{args.cohort} {args.model}: {c_index_summary(table)}")
     return 0

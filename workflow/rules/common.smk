@@ -2,6 +2,7 @@
 # and where outputs go.
 import functools
 import json
+import math
 import os
 import re
 import shlex
@@ -20,7 +21,7 @@ _PYTHON = "python" if _USES_CONDA else sys.executable
 HEALNET = f"PYTHONPATH={shlex.quote(str(BASEDIR))} {shlex.quote(_PYTHON)} -m healnet.cli"
 from healnet.config import BAGS_ON_DEVICE_SETTING_WORDS, configured_encoders, encoder_weights, tiles_geometry
 from healnet.data.results import NO_ENCODER
-from healnet.modalities import MODEL_MODALITIES
+from healnet.modalities import LINEAR_MODELS, MODEL_MODALITIES
 from healnet.settings import training_snapshot
 from healnet.modalities import WSI_ONLY as WSI_ONLY_MODELS
 from preprocessing.slides.files import SlideFolderError, find_slide_files
@@ -286,7 +287,8 @@ def training_settings(wildcards):
     return json.dumps(training_snapshot(config, wildcards.cohort, wildcards.model), sort_keys=True)
 
 
-def train_inputs(wildcards):
+def run_inputs(wildcards):
+    """What a model's training reads on one cohort: its settings, the omic tables, the feature stores."""
     c, encoder, model = wildcards.cohort, wildcards.encoder, wildcards.model
     return {
         "config": out(f"results/{c}/{encoder}/{model}/config.json"),
@@ -296,6 +298,34 @@ def train_inputs(wildcards):
         # only models that read slides wait for (and retrain after) the feature stores
         "stores": stores_of(c, encoder) if encoder != NO_ENCODER and reads_slides(model) else [],
     }
+
+
+def search_size(model):
+    """The number of candidates training.search gives each fold of `model` (0: no search, or a model
+    fitted in closed form, which has nothing to search)."""
+    search = config["training"].get("search") or {}
+    return math.prod(len(values) for values in search.values()) if search and model not in LINEAR_MODELS else 0
+
+
+def search_dir(wildcards):
+    return out(f"results/{wildcards.cohort}/{wildcards.encoder}/{wildcards.model}/search")
+
+
+def train_inputs(wildcards):
+    """run_inputs, and the inner scores of every candidate of training.search on this fold (rule search)."""
+    scores = [f"{search_dir(wildcards)}/fold{wildcards.fold}/setting{i}.json"
+              for i in range(search_size(wildcards.model))]
+    return run_inputs(wildcards) | {"search": scores}
+
+
+def search_cost():
+    """What training.search adds to a run, said once when it starts: jobs and inner fits."""
+    per_fold = {m: search_size(m) for m in config["models"]}
+    folds = sum(len(fold_ids(c)) * per_fold[m] for c in config["cohorts"] for _, m in cohort_runs(c))
+    if folds:
+        k = config["training"]["search_folds"]
+        print(f"training.search: {folds} search jobs (a candidate on a fold each), {folds * k} inner fits "
+              f"of {k} inner folds, before the folds are trained", file=sys.stderr)
 
 
 def checkpoints_of(cohort, runs):

@@ -23,6 +23,48 @@ rule config_snapshot:
         "printf '%s\\n' {params.text:q} > {output:q} 2> {log:q}"
 
 
+onstart:
+    search_cost()
+
+
+# Nested model selection (training.search): one job per fold and candidate setting, scored on inner
+# folds of that fold's training patients only, so a cluster runs a fold's candidates side by side; the
+# fold's train job reads their scores, chooses and trains the choice on the whole training fold.
+rule search:
+    input:
+        unpack(run_inputs),
+    output:
+        out("results/{cohort}/{encoder}/{model}/search/fold{fold}/setting{setting}.json"),
+    log:
+        out("logs/search/{cohort}/{encoder}/{model}/fold{fold}-setting{setting}.log"),
+    benchmark:
+        out("benchmarks/search/{cohort}/{encoder}/{model}/fold{fold}-setting{setting}.tsv")
+    params:
+        healnet=HEALNET,
+        omics=out("omics/{cohort}"),
+        features=out("features/{cohort}/{encoder}"),
+        models=out("models/{cohort}/{encoder}/{model}"),
+        device=config["training"]["device"],
+    threads: config["training"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=device_needs_gpu("training"),
+        readers=config["training"]["workers"],  # run settings (see common.smk)
+        save_state_minutes=config["training"]["save_state_minutes"],
+        feature_cache=config["training"]["feature_cache"] or "none",
+        bags_on_device=BAGS_ON_DEVICE_SETTING_WORDS[config["training"]["bags_on_device"]],
+    conda:
+        "../../envs/model.yaml"
+    shell:
+        "{params.healnet} search --config {input.config:q} --cohort {wildcards.cohort} --model {wildcards.model}"
+        " --fold {wildcards.fold} --setting {wildcards.setting} --omics-dir {params.omics:q}"
+        " --features-dir {params.features:q} --models-dir {params.models:q} -o {output:q}"
+        " --threads {threads} --workers {resources.readers} --save-state-minutes {resources.save_state_minutes}"
+        " --feature-cache {resources.feature_cache:q} --bags-on-device {resources.bags_on_device}"
+        " --device {params.device} > {log:q} 2>&1"
+
+
 # One job per cohort x encoder x model x fold, so that a failed or cancelled job loses one fold and a cluster
 # trains the folds side by side; every fold is seeded on its own, so the numbers are those of one
 # all-fold run.
@@ -44,6 +86,7 @@ rule train:
         features=out("features/{cohort}/{encoder}"),
         models=out("models/{cohort}/{encoder}/{model}"),
         results=out("results/{cohort}/{encoder}/{model}/fold{fold}"),
+        search=search_dir,
         device=config["training"]["device"],
     threads: config["training"]["threads"]
     resources:
@@ -59,7 +102,7 @@ rule train:
     shell:
         "{params.healnet} train --config {input.config:q} --cohort {wildcards.cohort} --model {wildcards.model}"
         " --folds {wildcards.fold} --omics-dir {params.omics:q} --features-dir {params.features:q}"
-        " --models-dir {params.models:q} --results-dir {params.results:q}"
+        " --models-dir {params.models:q} --results-dir {params.results:q} --search-dir {params.search:q}"
         " --threads {threads} --workers {resources.readers} --save-state-minutes {resources.save_state_minutes}"
         " --feature-cache {resources.feature_cache:q} --bags-on-device {resources.bags_on_device}"
         " --device {params.device} > {log:q} 2>&1"
