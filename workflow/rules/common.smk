@@ -300,6 +300,24 @@ def run_inputs(wildcards):
     }
 
 
+# What the search and train jobs share: their request to a cluster, the run settings (see above), and
+# the options that pass those on to `healnet search` / `healnet train`.
+TRAINING_RESOURCES = {
+    "mem_mb": 8000,
+    "runtime": 240,
+    "gpu": device_needs_gpu("training"),
+    "readers": config["training"]["workers"],
+    "save_state_minutes": config["training"]["save_state_minutes"],
+    "feature_cache": config["training"]["feature_cache"] or "none",
+    "bags_on_device": BAGS_ON_DEVICE_SETTING_WORDS[config["training"]["bags_on_device"]],
+}
+TRAINING_RUN_OPTIONS = (
+    " --threads {threads} --workers {resources.readers} --save-state-minutes {resources.save_state_minutes}"
+    " --feature-cache {resources.feature_cache:q} --bags-on-device {resources.bags_on_device}"
+    " --device {params.device} > {log:q} 2>&1"
+)
+
+
 def search_size(model):
     """The number of candidates training.search gives each fold of `model` (0: no search, or a model
     fitted in closed form, which has nothing to search)."""

@@ -47,22 +47,14 @@ rule search:
         device=config["training"]["device"],
     threads: config["training"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=device_needs_gpu("training"),
-        readers=config["training"]["workers"],  # run settings (see common.smk)
-        save_state_minutes=config["training"]["save_state_minutes"],
-        feature_cache=config["training"]["feature_cache"] or "none",
-        bags_on_device=BAGS_ON_DEVICE_SETTING_WORDS[config["training"]["bags_on_device"]],
+        **TRAINING_RESOURCES,
     conda:
         "../../envs/model.yaml"
     shell:
         "{params.healnet} search --config {input.config:q} --cohort {wildcards.cohort} --model {wildcards.model}"
         " --fold {wildcards.fold} --setting {wildcards.setting} --omics-dir {params.omics:q}"
         " --features-dir {params.features:q} --models-dir {params.models:q} -o {output:q}"
-        " --threads {threads} --workers {resources.readers} --save-state-minutes {resources.save_state_minutes}"
-        " --feature-cache {resources.feature_cache:q} --bags-on-device {resources.bags_on_device}"
-        " --device {params.device} > {log:q} 2>&1"
+        + TRAINING_RUN_OPTIONS
 
 
 # One job per cohort x encoder x model x fold, so that a failed or cancelled job loses one fold and a cluster
@@ -90,22 +82,14 @@ rule train:
         device=config["training"]["device"],
     threads: config["training"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=device_needs_gpu("training"),
-        readers=config["training"]["workers"],  # run settings (see common.smk)
-        save_state_minutes=config["training"]["save_state_minutes"],
-        feature_cache=config["training"]["feature_cache"] or "none",
-        bags_on_device=BAGS_ON_DEVICE_SETTING_WORDS[config["training"]["bags_on_device"]],
+        **TRAINING_RESOURCES,
     conda:
         "../../envs/model.yaml"
     shell:
         "{params.healnet} train --config {input.config:q} --cohort {wildcards.cohort} --model {wildcards.model}"
         " --folds {wildcards.fold} --omics-dir {params.omics:q} --features-dir {params.features:q}"
         " --models-dir {params.models:q} --results-dir {params.results:q} --search-dir {params.search:q}"
-        " --threads {threads} --workers {resources.readers} --save-state-minutes {resources.save_state_minutes}"
-        " --feature-cache {resources.feature_cache:q} --bags-on-device {resources.bags_on_device}"
-        " --device {params.device} > {log:q} 2>&1"
+        + TRAINING_RUN_OPTIONS
 
 
 # The folds of one run joined into the files an all-fold `healnet train` writes.
