@@ -81,13 +81,14 @@ def prepare_run(settings: Settings, model_name: str, omics_dir: Path, features_d
     return settings, prepare_cohort(model_name, omics_dir, features_dir)
 
 
-def checked_folds(cohort: Cohort, folds: Sequence[int] | None) -> list[int]:
-    """The requested folds (None: all of ``splits.parquet``); InputError for one it does not have."""
+def checked_folds(cohort: Cohort, folds: Sequence[int] | None, option: str = "--folds") -> list[int]:
+    """The requested folds (None: all of ``splits.parquet``); InputError, naming the command line's
+    ``option``, for one it does not have."""
     available = sorted(int(f) for f in cohort.tables.splits["fold"].unique())
     folds = available if folds is None else list(folds)
     bad = [f for f in folds if f not in available]
     if bad:
-        raise InputError("--folds", f"fold(s) {bad} not in splits.parquet (has {available})")
+        raise InputError(option, f"fold(s) {bad} not in splits.parquet (has {available})")
     return folds
 
 

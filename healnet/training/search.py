@@ -136,6 +136,8 @@ def score_setting(cohort: Cohort, model_name: str, fold: int, settings: Settings
     if not 0 <= index < len(grid):
         raise InputError("--setting", f"training.search has {len(grid)} settings (0 to {len(grid) - 1}), "
                                       f"not {index}")
+    # the fold's inputs made (and its generators seeded) afresh for each candidate, so that a candidate
+    # scores the same whether it runs alone in a search job or after others in one process
     outer = fold_inputs(cohort, fold, settings.training.seed, settings.n_bins)
     splits = inner_folds(outer.train_rows, outer.events, settings.training.search_folds, outer.seed)
     chosen = with_choice(settings, grid[index])

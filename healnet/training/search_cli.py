@@ -33,13 +33,13 @@ def cli(argv: list[str] | None = None) -> int:
     """``healnet search``: one candidate's inner c-indices on one fold."""
     args = _parser().parse_args(argv)
     settings, device = run_settings(args)
+    if args.model in LINEAR_MODELS:  # checked first: a closed-form model's settings carry no search
+        raise InputError("--model", f"{args.model} is fitted in closed form: training.search does not apply")
     if not settings.training.search:
         raise InputError(args.config, "training.search is not set: there is nothing to search")
-    if args.model in LINEAR_MODELS:
-        raise InputError("--model", f"{args.model} is fitted in closed form: training.search does not apply")
     settings, cohort = prepare_run(settings, args.model, args.omics_dir, args.features_dir, device,
                                    args.threads)
-    [fold] = checked_folds(cohort, [args.fold])
+    [fold] = checked_folds(cohort, [args.fold], "--fold")
     args.models_dir.mkdir(parents=True, exist_ok=True)
     with decoded_feature_cache(feature_cache_root(settings, cohort)) as cache_dir:
         scores = score_setting(cohort, args.model, fold, settings, args.setting, device, args.models_dir,
