@@ -40,7 +40,6 @@ def cli(argv: list[str] | None = None) -> int:
     settings, cohort = prepare_run(settings, args.model, args.omics_dir, args.features_dir, device,
                                    args.threads)
     [fold] = checked_folds(cohort, [args.fold], "--fold")
-    args.models_dir.mkdir(parents=True, exist_ok=True)
     with decoded_feature_cache(feature_cache_root(settings, cohort)) as cache_dir:
         scores = score_setting(cohort, args.model, fold, settings, args.setting, device, args.models_dir,
                                settings.run.workers, cache_dir)
